@@ -1,0 +1,250 @@
+"""Typed configuration: YAML (safe_load) plus dotted ``section.key=value`` overrides.
+
+Every problem becomes a :class:`UserError` whose one line names the key and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from alexnet_mp.errors import UserError
+
+MODELS = ("alexnet_d2l", "alexnet_columns", "alexnet_grouped")
+DATASETS = ("mnist_sample", "mnist", "fashion_mnist", "cifar10", "imagefolder", "fake")
+
+
+@dataclass
+class ModelConfig:
+    # alexnet_columns: the paper's net, split into columns when two ranks run it and in its
+    # grouped single-device form otherwise; alexnet_grouped forces the grouped form.
+    name: str = "alexnet_columns"
+    num_classes: int = 10
+    in_channels: int = 1
+    dropout: float = 0.5
+    # Scales every layer's width (kernels and FC neurons); 1.0 is the paper. Tests use small ones.
+    width: float = 1.0
+    # paper: N(0, 0.01) and the paper's biases; xavier: as d2l; kaiming: He normal, fan-in
+    init: str = "paper"
+    # Overlap each exchange with the column's own half of the next layer (async collectives).
+    overlap: bool = True
+
+
+@dataclass
+class DataConfig:
+    name: str = "mnist_sample"
+    root: str = "data"
+    image_size: int = 224
+    download: bool = False
+    num_workers: int = 0
+    # Paper augmentation: random crops of a 256/227-scaled image, flips, PCA lighting.
+    augment: bool = False
+    fake_size: int = 1024  # images in the `fake` data set (train; test gets a quarter)
+    train_limit: int | None = None  # use only the first N training examples (smoke runs, tests)
+    test_limit: int | None = None
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    max_steps: int | None = None  # stop after this many optimizer steps in all (smoke runs)
+    batch_size: int = 128
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    seed: int = 0
+    resume: str = "auto"  # auto | none | path to a checkpoint
+    schedule: str = "none"  # none | step | plateau
+    step_size: int = 30  # epochs between divisions (schedule=step)
+    gamma: float = 0.1
+    patience: int = 5  # epochs without validation improvement (schedule=plateau)
+    amp: str = "none"  # none | bf16 | fp16 (fp16 only on CUDA, with a gradient scaler)
+    channels_last: bool = False
+    eval_only: bool = False
+
+
+@dataclass
+class RunConfig:
+    dir: str | None = None  # default runs/<config file name>
+    log_every: int = 20
+    checkpoint_every: int = 0  # optimizer steps between checkpoints; 0: at epoch ends only
+    keep_checkpoints: int = 2
+    device: str = "auto"  # auto | cpu | cuda | mps
+    threads: int | None = None  # CPU threads per rank; default: cores / local ranks
+    timeout_s: float = 600.0  # collective timeout
+    progress: bool = True
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    name: str = "default"  # the config file's stem; names the default run folder
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "model.name": MODELS,
+    "model.init": ("paper", "xavier", "kaiming"),
+    "data.name": DATASETS,
+    "train.schedule": ("none", "step", "plateau"),
+    "train.amp": ("none", "bf16", "fp16"),
+    "run.device": ("auto", "cpu", "cuda", "mps"),
+}
+POSITIVE = (
+    "model.num_classes", "model.in_channels", "model.width", "data.image_size", "data.fake_size",
+    "train.epochs", "train.batch_size", "train.lr", "train.step_size", "run.log_every",
+    "run.timeout_s", "train.max_steps", "run.threads", "data.train_limit", "data.test_limit",
+)
+NON_NEGATIVE = ("train.momentum", "train.weight_decay", "data.num_workers", "run.checkpoint_every",
+                "train.patience")
+
+
+def _sections() -> dict[str, type]:
+    hints = typing.get_type_hints(Config)
+    return {f.name: hints[f.name] for f in dataclasses.fields(Config) if f.name != "name"}
+
+
+def _field_types(section_cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(section_cls)
+
+
+def _suggest(word: str, options: list[str]) -> str:
+    near = difflib.get_close_matches(word, options, n=1, cutoff=0.5)
+    return f" (did you mean '{near[0]}'?)" if near else f" (valid: {', '.join(sorted(options))})"
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    """Check ``value`` against the annotation; ints pass as floats, nothing else converts."""
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        hint = next(a for a in args if a is not type(None))
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is bool and not isinstance(value, bool):
+        raise UserError(f"config key '{key}' must be true or false, got {value!r}")
+    if hint is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise UserError(f"config key '{key}' must be an integer, got {value!r}")
+    if hint is float and not isinstance(value, float):
+        raise UserError(f"config key '{key}' must be a number, got {value!r}")
+    if hint is str and not isinstance(value, str):
+        # YAML reads `resume: none` as a string but `dir: 123` as an int; paths may be numbers.
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise UserError(f"config key '{key}' must be a string, got {value!r}")
+    return value
+
+
+def _apply(cfg: Config, key: str, value: Any) -> None:
+    parts = key.split(".")
+    sections = _sections()
+    if len(parts) != 2:
+        flat = [f"{s}.{k}" for s, cls in sections.items() for k in _field_types(cls)]
+        raise UserError(f"config key '{key}' must look like section.key{_suggest(key, flat)}")
+    section, name = parts
+    if section not in sections:
+        raise UserError(f"unknown config section '{section}'{_suggest(section, list(sections))}")
+    hints = _field_types(sections[section])
+    if name not in hints:
+        options = [f"{section}.{k}" for k in hints]
+        raise UserError(f"unknown config key '{key}'{_suggest(key, options)}")
+    setattr(getattr(cfg, section), name, _coerce(key, value, hints[name]))
+
+
+def _validate(cfg: Config) -> None:
+    for key, allowed in CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value not in allowed:
+            raise UserError(f"config key '{key}' is '{value}'; choose one of: {', '.join(allowed)}")
+    for key in POSITIVE + NON_NEGATIVE:
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value is None:
+            continue
+        if key in POSITIVE and value <= 0:
+            raise UserError(f"config key '{key}' must be positive, got {value}")
+        if key in NON_NEGATIVE and value < 0:
+            raise UserError(f"config key '{key}' must not be negative, got {value}")
+    if not 0.0 <= cfg.model.dropout < 1.0:
+        raise UserError(f"config key 'model.dropout' must be in [0, 1), got {cfg.model.dropout}")
+    if cfg.run.keep_checkpoints < 2:
+        raise UserError("config key 'run.keep_checkpoints' must be at least 2, so that a torn "
+                        "newest checkpoint always leaves an older one")
+    if cfg.model.num_classes < 2:
+        raise UserError(f"config key 'model.num_classes' must be at least 2, got "
+                        f"{cfg.model.num_classes}")
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``section.key=value`` with the value read as YAML (so 0.1 is a float, true a bool)."""
+    if "=" not in text:
+        raise UserError(f"override '{text}' must look like section.key=value (e.g. train.lr=0.01)")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    if isinstance(value, str) and value.lower() in ("null", "~"):
+        value = None
+    return key.strip(), value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
+                default_path: str | Path | None = None) -> Config:
+    """Build the config: dataclass defaults, then the YAML file, then the overrides, validated.
+
+    ``path`` None means ``default_path`` (the project's ``configs/default.yaml``) when given.
+    """
+    cfg = Config()
+    source = path if path is not None else default_path
+    if source is not None:
+        source = Path(source)
+        if not source.is_file():
+            raise UserError(f"config file '{source}' does not exist; pass --config with a file "
+                            "from configs/")
+        try:
+            data = yaml.safe_load(source.read_text())
+        except yaml.YAMLError as exc:
+            first = str(exc).splitlines()[0]
+            raise UserError(f"config file '{source}' is not plain YAML ({first}); only plain "
+                            "mappings, numbers and strings are read (yaml.safe_load)") from None
+        data = data or {}
+        if not isinstance(data, dict):
+            raise UserError(f"config file '{source}' must hold a mapping of sections")
+        for section, body in data.items():
+            if section == "name":
+                continue
+            if not isinstance(body, dict):
+                if section in _sections():
+                    raise UserError(f"config section '{section}' in '{source}' must be a mapping")
+                raise UserError(f"unknown config section '{section}' in '{source}'"
+                                f"{_suggest(str(section), list(_sections()))}")
+            for key, value in body.items():
+                _apply(cfg, f"{section}.{key}", value)
+        cfg.name = str(data.get("name", source.stem))
+    for text in overrides:
+        _apply(cfg, *parse_override(text))
+    _validate(cfg)
+    return cfg
+
+
+def run_dir(cfg: Config) -> Path:
+    return Path(cfg.run.dir) if cfg.run.dir else Path("runs") / cfg.name
+
+
+def dump_config(cfg: Config, path: Path) -> None:
+    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

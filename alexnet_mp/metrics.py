@@ -1,0 +1,62 @@
+"""The run's JSONL metrics log and the PNG of its curves (what d2l's animator drew)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display on training machines
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+class MetricsLog:
+    """Appends one JSON object a line; a resumed run continues the same file."""
+
+    def __init__(self, path: Path, enabled: bool = True) -> None:
+        self.path = path
+        self.enabled = enabled
+
+    def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def read_log(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a line torn by a kill is skipped, not fatal
+    return records
+
+
+def plot_curves(log_path: Path, png_path: Path) -> None:
+    """Train loss, train accuracy and test accuracy against epoch, one figure."""
+    epochs: dict[int, dict[str, Any]] = {}
+    for r in read_log(log_path):
+        if r.get("kind") == "epoch":
+            epochs[r["epoch"]] = r  # a resumed epoch's later record wins
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    xs = sorted(epochs)
+    for key, label, style in (("train_loss", "train loss", "-"), ("train_acc", "train acc", "--"),
+                              ("test_acc", "test acc", "-.")):
+        ys = [epochs[e].get(key) for e in xs]
+        if any(y is not None for y in ys):
+            ax.plot(xs, ys, style, marker="o", label=label)
+    ax.set_xlabel("epoch")
+    ax.grid(True, alpha=0.3)
+    if xs:
+        ax.legend()
+    fig.tight_layout()
+    tmp = png_path.with_name(f".{png_path.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(png_path)

@@ -1,0 +1,192 @@
+"""The paper's two-column AlexNet (DESIGN §1): one column per rank, or both in grouped form.
+
+One module serves both layouts. Its parameters carry the grouped form's names, and a column's
+parameter is the grouped one's rows ``slices[name]`` (every layer splits along its output
+dimension), so the canonical state is the grouped ``state_dict`` whatever the layout.
+The exchange object decides whether a layer that reads both columns gathers over the network
+(:class:`ColumnExchange`) or has them at hand (:class:`LocalMixing`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from alexnet_mp.parallel.exchange import ColumnExchange, LocalMixing
+
+COLUMNS = 2
+# Per column, as in the paper: conv1..conv5 kernels, then fc6/fc7 neurons.
+PAPER_WIDTHS = (48, 128, 192, 192, 128, 2048)
+# The original code's LRN: alpha/n per channel, which nn.LocalResponseNorm computes.
+LRN = dict(size=5, alpha=1e-4, beta=0.75, k=2.0)
+# Biases set to 1 "accelerate the early stages of learning by providing the ReLUs with positive
+# inputs" (paper §5); every other bias starts at 0.
+ONE_BIAS = ("conv2", "conv4", "conv5", "fc6", "fc7")
+LAYERS = ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8")
+
+
+@dataclass(frozen=True)
+class Arch:
+    num_classes: int = 1000
+    in_channels: int = 3
+    image_size: int = 227
+    width: float = 1.0
+    dropout: float = 0.5
+
+    @property
+    def per_column(self) -> tuple[int, ...]:
+        return tuple(max(1, round(w * self.width)) for w in PAPER_WIDTHS)
+
+    @property
+    def class_split(self) -> list[int]:
+        """fc8 neurons per column: the first column takes the odd one out."""
+        first = math.ceil(self.num_classes / COLUMNS)
+        return [first, self.num_classes - first]
+
+
+def trunk_size(image_size: int) -> int:
+    """Side of the conv5 maps after the last pool: 227 → 55 → 27 → 13 → 6."""
+    side = (image_size - 11) // 4 + 1  # conv1, no padding
+    for _ in range(3):  # three overlapping 3/2 pools; conv2–conv5 keep the size
+        side = (side - 3) // 2 + 1
+    return side
+
+
+def min_image_size() -> int:
+    return next(s for s in range(11, 1024) if trunk_size(s) >= 1 and (s - 11) // 4 + 1 >= 3)
+
+
+class ColumnLRN(nn.Module):
+    """LRN that never mixes columns: each column's channels are normalised on their own."""
+
+    def __init__(self, columns: int) -> None:
+        super().__init__()
+        self.columns = columns
+        self.lrn = nn.LocalResponseNorm(**LRN)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.columns == 1:
+            return self.lrn(x)
+        return torch.cat([self.lrn(part) for part in x.chunk(self.columns, dim=1)], dim=1)
+
+
+class ColumnDropout(nn.Module):
+    """Dropout whose mask is drawn for the *full* width from a generator every rank seeds alike.
+
+    Each column keeps its own slice of the same mask, so the split and the grouped form drop the
+    same neurons and take the same steps.
+    """
+
+    def __init__(self, p: float, full: int, own: slice, generator: torch.Generator) -> None:
+        super().__init__()
+        self.p, self.full, self.own, self.generator = p, full, own, generator
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return x
+        keep = torch.rand((x.shape[0], self.full), generator=self.generator,
+                          device=self.generator.device)
+        mask = (keep[:, self.own] >= self.p).to(device=x.device, dtype=x.dtype)
+        return x * mask / (1 - self.p)
+
+
+class ColumnAlexNet(nn.Module):
+    """Both columns (``column=None``: grouped form) or one of them (``column=0`` or ``1``)."""
+
+    def __init__(self, arch: Arch, column: int | None = None,
+                 exchange: ColumnExchange | None = None,
+                 generator: torch.Generator | None = None) -> None:
+        super().__init__()
+        if trunk_size(arch.image_size) < 1:
+            raise ValueError(f"image size {arch.image_size} is below {min_image_size()}")
+        self.arch = arch
+        self.column = column
+        self.exchange = exchange if exchange is not None else LocalMixing()
+        self.generator = generator if generator is not None else torch.Generator()
+        c1, c2, c3, c4, c5, f = arch.per_column
+        n = 1 if column is not None else COLUMNS  # columns held here
+        side = trunk_size(arch.image_size)
+        split = arch.class_split
+        own_classes = arch.num_classes if column is None else split[column]
+        groups = n  # a layer that reads only its own column is a grouped conv in grouped form
+
+        self.conv1 = nn.Conv2d(arch.in_channels, n * c1, 11, stride=4)
+        self.conv2 = nn.Conv2d(n * c1, n * c2, 5, padding=2, groups=groups)
+        self.conv3 = nn.Conv2d(COLUMNS * c2, n * c3, 3, padding=1)
+        self.conv4 = nn.Conv2d(n * c3, n * c4, 3, padding=1, groups=groups)
+        self.conv5 = nn.Conv2d(n * c4, n * c5, 3, padding=1, groups=groups)
+        self.fc6 = nn.Linear(COLUMNS * c5 * side * side, n * f)
+        self.fc7 = nn.Linear(COLUMNS * f, n * f)
+        self.fc8 = nn.Linear(COLUMNS * f, own_classes)
+        self.lrn = ColumnLRN(n)
+        self.pool = nn.MaxPool2d(3, stride=2)
+        own_f = slice(0, COLUMNS * f) if column is None else slice(column * f, (column + 1) * f)
+        self.drop6 = ColumnDropout(arch.dropout, COLUMNS * f, own_f, self.generator)
+        self.drop7 = ColumnDropout(arch.dropout, COLUMNS * f, own_f, self.generator)
+
+        self.full_rows = {"conv1": COLUMNS * c1, "conv2": COLUMNS * c2, "conv3": COLUMNS * c3,
+                          "conv4": COLUMNS * c4, "conv5": COLUMNS * c5, "fc6": COLUMNS * f,
+                          "fc7": COLUMNS * f, "fc8": arch.num_classes}
+        self.row_split = {name: [rows // COLUMNS] * COLUMNS
+                          for name, rows in self.full_rows.items()}
+        self.row_split["fc8"] = split
+
+    def slices(self) -> dict[str, slice]:
+        """Rows of each canonical (grouped) tensor that this module holds."""
+        out = {}
+        for layer in LAYERS:
+            sizes = self.row_split[layer]
+            start = 0 if self.column is None else sum(sizes[:self.column])
+            stop = self.full_rows[layer] if self.column is None else start + sizes[self.column]
+            for kind in ("weight", "bias"):
+                out[f"{layer}.{kind}"] = slice(start, stop)
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool(self.lrn(F.relu(self.conv1(x))))
+        x = self.pool(self.lrn(F.relu(self.conv2(x))))
+        x = F.relu(self.exchange.into(self.conv3, x))  # X1
+        x = F.relu(self.conv4(x))
+        x = self.pool(F.relu(self.conv5(x)))
+        x = self.drop6(F.relu(self.exchange.into(self.fc6, x.flatten(1))))  # X2
+        x = self.drop7(F.relu(self.exchange.into(self.fc7, x)))  # X3
+        x = self.exchange.into(self.fc8, x)  # X4
+        return self.exchange.logits(x, self.row_split["fc8"])  # X5
+
+
+def canonical_init(arch: Arch, scheme: str, seed: int,
+                   rows: dict[str, slice] | None = None) -> dict[str, torch.Tensor]:
+    """The grouped form's initial parameters from ``seed`` alone, cut to ``rows`` if given.
+
+    Every layout slices its rows out of the same draws, so one seed starts every layout alike.
+    A layer is drawn whole and cut at once, so only one full layer exists at a time.
+    """
+    g = torch.Generator().manual_seed(seed)
+    with torch.device("meta"):
+        shapes = {name: p.shape for name, p in ColumnAlexNet(arch).named_parameters()}
+    state = {}
+    for layer in LAYERS:
+        w_shape = shapes[f"{layer}.weight"]
+        if scheme == "paper":
+            w = torch.randn(w_shape, generator=g) * 0.01
+            b = torch.full((w_shape[0],), 1.0 if layer in ONE_BIAS else 0.0)
+        else:
+            # Fan-in and fan-out per group, as nn.init computes them for a grouped conv.
+            fan_in = math.prod(w_shape[1:])
+            fan_out = w_shape[0] * math.prod(w_shape[2:])
+            if scheme == "kaiming":
+                # He et al.: keeps the ReLU stack's activations at unit scale, so the deep net
+                # leaves its initial plateau in tens of steps rather than hundreds.
+                w = torch.randn(w_shape, generator=g) * math.sqrt(2.0 / fan_in)
+            else:
+                bound = math.sqrt(6.0 / (fan_in + fan_out))
+                w = (torch.rand(w_shape, generator=g) * 2 - 1) * bound
+            b = torch.zeros(w_shape[0])
+        for kind, t in (("weight", w), ("bias", b)):
+            name = f"{layer}.{kind}"
+            state[name] = t[rows[name]].clone() if rows is not None else t
+    return state
