@@ -116,13 +116,13 @@ def load(path: Path | str) -> dict[str, Any]:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for many kinds of damage
         text = str(exc)
-        if "weights_only" in text or "Unsupported global" in text or "unpickl" in text.lower():
+        if "GLOBAL" in text or "Unsupported global" in text:
             raise CheckpointError(f"checkpoint '{path}' was refused: it holds Python objects that "
                                   "could run code (only tensors and plain values are loaded, "
                                   "weights_only=True); do not use files from untrusted sources"
                                   ) from None
-        first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
-        raise CheckpointError(f"checkpoint '{path}' is unreadable or truncated ({first[:120]}); "
+        detail = type(exc).__name__ if "Weights only" in text else text.strip().split("\n")[0]
+        raise CheckpointError(f"checkpoint '{path}' is unreadable or truncated ({detail[:120]}); "
                               "use an older checkpoint or train.resume=none with a new run.dir"
                               ) from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:

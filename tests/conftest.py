@@ -55,7 +55,7 @@ def run_cli(args: list[str], *, torchrun: int | None = None, timeout: float = 24
     script = str(ROOT / "launch" / "train.py")
     if torchrun:
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={torchrun}",
-               "--master_port=0", script, *args]
+               "--standalone", script, *args]
     else:
         cmd = [sys.executable, script, *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=cwd or ROOT)
