@@ -31,10 +31,14 @@ class ModelConfig:
     dropout: float = 0.5
     # Scales every layer's width (kernels and FC neurons); 1.0 is the paper. Tests use small ones.
     width: float = 1.0
-    # paper: N(0, 0.01) and the paper's biases; xavier: as d2l; kaiming: He normal, fan-in
-    init: str = "paper"
+    # paper: N(0, 0.01) and the paper's biases; xavier: Glorot uniform as d2l; xavier_relu: the
+    # same with the ReLU gain sqrt(2); kaiming: He normal on the fan-in. auto: xavier_relu for
+    # alexnet_d2l, kaiming for the columns (the fastest off the initial plateau, see README).
+    init: str = "auto"
     # Overlap each exchange with the column's own half of the next layer (async collectives).
-    overlap: bool = True
+    # null: on for CUDA, off on CPU, where gloo shares the cores and the halved layers cost more
+    # than the wait they hide (measured with launch/bench.py, see README).
+    overlap: bool | None = None
 
 
 @dataclass
@@ -68,11 +72,12 @@ class TrainConfig:
     amp: str = "none"  # none | bf16 | fp16 (fp16 only on CUDA, with a gradient scaler)
     channels_last: bool = False
     eval_only: bool = False
+    nonfinite: str = "stop"  # a NaN/inf loss or gradient: stop the run, or skip that batch
 
 
 @dataclass
 class RunConfig:
-    dir: str | None = None  # default runs/<config file name>
+    dir: str | None = None  # default runs/<config file name>-<model.name>
     log_every: int = 20
     checkpoint_every: int = 0  # optimizer steps between checkpoints; 0: at epoch ends only
     keep_checkpoints: int = 2
@@ -96,10 +101,11 @@ class Config:
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.name": MODELS,
-    "model.init": ("paper", "xavier", "kaiming"),
+    "model.init": ("auto", "paper", "xavier", "xavier_relu", "kaiming"),
     "data.name": DATASETS,
     "train.schedule": ("none", "step", "plateau"),
     "train.amp": ("none", "bf16", "fp16"),
+    "train.nonfinite": ("stop", "skip"),
     "run.device": ("auto", "cpu", "cuda", "mps"),
 }
 POSITIVE = (
@@ -243,7 +249,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 
 
 def run_dir(cfg: Config) -> Path:
-    return Path(cfg.run.dir) if cfg.run.dir else Path("runs") / cfg.name
+    """``run.dir``, or ``runs/<config name>-<model>`` so that models never share checkpoints."""
+    return Path(cfg.run.dir) if cfg.run.dir else Path("runs") / f"{cfg.name}-{cfg.model.name}"
 
 
 def dump_config(cfg: Config, path: Path) -> None:

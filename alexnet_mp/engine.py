@@ -1,8 +1,8 @@
 """One SGD loop and one evaluation for every layout.
 
 The loop never asks where the model lives: every layout's model returns full logits on every
-rank. Per step it queues work on the device and keeps running sums there; the host reads them
-only every ``log_every`` steps, so logging is the only sync.
+rank. Running sums stay on the device and are read every ``log_every`` steps; the only other
+host sync is the guard's one flag per step (finite everywhere? asked to stop?).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from alexnet_mp.errors import UserError
+from alexnet_mp.guard import StepGuard
 
 
 @dataclass
@@ -52,12 +53,13 @@ class Precision:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.dtype)
 
-    def backward_and_step(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
+    def backward(self, loss: torch.Tensor) -> None:
+        (loss if self.scaler is None else self.scaler.scale(loss)).backward()
+
+    def step(self, optimizer: torch.optim.Optimizer) -> None:
         if self.scaler is None:
-            loss.backward()
             optimizer.step()
-        else:
-            self.scaler.scale(loss).backward()
+        else:  # the scaler skips steps with inf gradients itself and lowers its scale
             self.scaler.step(optimizer)
             self.scaler.update()
 
@@ -75,10 +77,14 @@ def _topk_correct(logits: torch.Tensor, y: torch.Tensor, k: int) -> torch.Tensor
 def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
                     transform: nn.Module, state: TrainState, precision: Precision, *,
                     max_steps: int | None = None, log_every: int = 20, show_bar: bool = False,
+                    guard: StepGuard | None = None, skip_nonfinite: bool = False,
                     on_log: Callable[[dict], None] = lambda r: None,
                     after_step: Callable[[TrainState], None] = lambda s: None) -> dict:
-    """Train from batch ``state.step`` of epoch ``state.epoch`` to its end (or ``max_steps``).
+    """Train from batch ``state.step`` of epoch ``state.epoch`` to its end, ``max_steps``, or
+    until the guard says every rank is stopping.
 
+    A step whose loss or gradients are not finite on some rank is never applied: the run stops
+    with :class:`NonFiniteError` or, with ``skip_nonfinite``, goes on to the next batch.
     Returns the epoch's mean loss, accuracy and images/s over the batches run here.
     """
     model.train()
@@ -98,23 +104,32 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
             logits = model(x)
         loss = F.cross_entropy(logits.float(), y)
         optimizer.zero_grad(set_to_none=True)
-        precision.backward_and_step(loss, optimizer)
+        precision.backward(loss)
+        # With a gradient scaler, inf gradients are routine: the scaler skips those steps.
+        if guard is not None and not guard.check(loss, model, grads=precision.scaler is None):
+            if not skip_nonfinite:
+                raise NonFiniteError(
+                    f"the loss or a gradient became NaN or infinite at step "
+                    f"{state.global_step + 1} (epoch {state.epoch + 1}); that step was not applied "
+                    "and the last good checkpoint is kept: lower train.lr or check the data "
+                    "(train.nonfinite=skip steps over such batches)")
+            optimizer.zero_grad(set_to_none=True)
+            on_log({"kind": "skipped", "epoch": state.epoch + 1, "step": state.global_step + 1})
+        else:
+            precision.step(optimizer)
 
         n = y.shape[0]
-        loss_sum += loss.detach() * n
+        loss_sum += torch.nan_to_num(loss.detach()) * n
         correct += (logits.detach().argmax(dim=1) == y).sum()
         seen += n
         window_seen += n
         state.step += 1
         state.global_step += 1
         bar.update(1)
-        last = state.step == total or (max_steps is not None and state.global_step >= max_steps)
+        last = (state.step == total or (max_steps is not None and state.global_step >= max_steps)
+                or (guard is not None and guard.stopping))
         if state.global_step % log_every == 0 or last:
-            value = loss.item()  # the one host sync, at the log interval only
-            if value != value or value in (float("inf"), float("-inf")):
-                raise NonFiniteError(f"the loss became {value} at step {state.global_step} "
-                                     f"(epoch {state.epoch + 1}); the last good checkpoint is "
-                                     "kept: lower train.lr or check the data")
+            value = loss.item()
             now = time.perf_counter()
             record = {"kind": "step", "epoch": state.epoch + 1, "step": state.global_step,
                       "loss": value, "lr": optimizer.param_groups[0]["lr"],

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from alexnet_mp import checkpoint as ckpt
@@ -18,6 +19,7 @@ from alexnet_mp.config import Config, dump_config, run_dir
 from alexnet_mp.data import BatchTransform, build_data, make_loader, set_epoch
 from alexnet_mp.engine import Precision, TrainState, evaluate, train_one_epoch
 from alexnet_mp.errors import UserError
+from alexnet_mp.guard import StepGuard
 from alexnet_mp.metrics import MetricsLog, plot_curves
 from alexnet_mp.models import build_model, model_family
 from alexnet_mp.parallel.layout import Layout
@@ -28,6 +30,12 @@ def canonical_shapes(model: nn.Module) -> dict[str, torch.Size]:
     full = getattr(model, "full_rows", None)
     return {name: torch.Size((full[name.split(".")[0]], *p.shape[1:])) if full else p.shape
             for name, p in model.named_parameters()}
+
+
+class PeerLostError(UserError):
+    """Another rank died or stalled past run.timeout_s; restarting resumes from a checkpoint."""
+
+    exit_code = 3
 
 
 def make_scheduler(cfg: Config, optimizer: torch.optim.Optimizer):
@@ -151,6 +159,21 @@ class Trainer:
 
     # -- the run -----------------------------------------------------------------------------
     def run(self) -> dict:
+        try:
+            return self._run()
+        except (dist.DistBackendError, dist.DistError, RuntimeError) as exc:
+            text = str(exc)
+            if not self.layout.distributed or not any(
+                    w in text for w in ("gloo", "Gloo", "NCCL", "imed out", "onnection", "peer")):
+                raise
+            first = text.strip().splitlines()[0][:160]
+            raise PeerLostError(
+                f"rank {self.layout.rank}: the other rank stopped answering at step "
+                f"{self.state.global_step + 1} (epoch {self.state.epoch + 1}) ({first}); the "
+                f"newest checkpoint is in {self.ckdir}: restart the same command to resume, or "
+                "run torchrun with --max-restarts") from None
+
+    def _run(self) -> dict:
         cfg, layout = self.cfg, self.layout
         log = MetricsLog(self.out / "metrics.jsonl", enabled=layout.is_main)
         if layout.is_main:
@@ -167,6 +190,8 @@ class Trainer:
                  f"{cfg.data.image_size}px; run folder {self.out}", flush=True)
         every = cfg.run.checkpoint_every
         max_steps = cfg.train.max_steps
+        guard = StepGuard(layout.distributed, layout.group)
+        guard.install()
         result: dict = {}
         start = time.perf_counter()
 
@@ -183,7 +208,15 @@ class Trainer:
                 self.model, self.train_loader, self.optimizer, self.transform, self.state,
                 self.precision, max_steps=max_steps, log_every=cfg.run.log_every,
                 show_bar=layout.is_main and cfg.run.progress, on_log=log.write,
-                after_step=after_step)
+                guard=guard, skip_nonfinite=cfg.train.nonfinite == "skip", after_step=after_step)
+            if guard.stopping:
+                self.save()
+                log.write({"kind": "stopped", "epoch": self.state.epoch + 1,
+                           "step": self.state.global_step})
+                self.say(f"stopped on request (SIGTERM) at step {self.state.global_step}; "
+                         f"checkpoint written to {self.ckdir}: run the same command to resume",
+                         flush=True)
+                return {"stopped": True, **stats}
             result = {**stats, **evaluate(self.model, self.test_loader, self.transform,
                                           self.precision)}
             partial = self.state.step < len_epoch

@@ -32,6 +32,8 @@ def _d2l_min_size() -> int:
 
 def build_model(cfg: ModelConfig, image_size: int, layout: Layout, seed: int) -> nn.Module:
     """The model on ``layout.device``, initialised from ``seed`` the same way in every layout."""
+    init = cfg.init if cfg.init != "auto" else (
+        "xavier_relu" if cfg.name == "alexnet_d2l" else "kaiming")
     if cfg.name == "alexnet_d2l":
         torch.manual_seed(seed)
         try:
@@ -41,8 +43,11 @@ def build_model(cfg: ModelConfig, image_size: int, layout: Layout, seed: int) ->
                             f"least {_d2l_min_size()} (224 as in d2l)") from None
         for m in model.modules():
             if isinstance(m, (nn.Linear, nn.Conv2d)):
-                if cfg.init == "xavier":
-                    nn.init.xavier_uniform_(m.weight)
+                if init in ("xavier", "xavier_relu"):
+                    gain = nn.init.calculate_gain("relu") if init == "xavier_relu" else 1.0
+                    nn.init.xavier_uniform_(m.weight, gain=gain)
+                elif init == "kaiming":
+                    nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
                 else:
                     nn.init.normal_(m.weight, 0.0, 0.01)
                 nn.init.zeros_(m.bias)
@@ -55,10 +60,11 @@ def build_model(cfg: ModelConfig, image_size: int, layout: Layout, seed: int) ->
     generator = torch.Generator(device=layout.device).manual_seed(seed + 1)
     exchange = None
     if layout.column is not None:
-        exchange = ColumnExchange(layout.column, layout.columns, layout.group, cfg.overlap)
+        overlap = cfg.overlap if cfg.overlap is not None else layout.device.type == "cuda"
+        exchange = ColumnExchange(layout.column, layout.columns, layout.group, overlap)
     # Built on the meta device so that no throw-away full-width tensors are ever allocated.
     with torch.device("meta"):
         model = ColumnAlexNet(arch, layout.column, exchange, generator)
     model = model.to_empty(device=layout.device)
-    model.load_state_dict(canonical_init(arch, cfg.init, seed, model.slices()))
+    model.load_state_dict(canonical_init(arch, init, seed, model.slices()))
     return model

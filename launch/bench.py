@@ -1,0 +1,73 @@
+"""Entry point of the layout comparison: ``torchrun --nproc_per_node=2 launch/bench.py``.
+
+It takes the training config (``--config``, ``section.key=value``) so that the benchmark runs the
+same work as the training job, and writes bench.json, bench.md and bench.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # a fresh clone runs without `pip install -e .` too
+    sys.path.insert(0, str(ROOT))
+
+from alexnet_mp.config import load_config  # noqa: E402
+from alexnet_mp.errors import UserError  # noqa: E402
+
+DEFAULT_LAYOUTS = "d2l,grouped,split,split_overlap,ddp,hybrid"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Compare AlexNet layouts on the same work.")
+    p.add_argument("--config", help="YAML file (default: configs/default.yaml)")
+    p.add_argument("--layouts", default=DEFAULT_LAYOUTS, help=f"default: {DEFAULT_LAYOUTS}")
+    p.add_argument("--data", default="synthetic,loader",
+                   help="synthetic (tensors on the device), loader (the real pipeline), or both")
+    p.add_argument("--steps", type=int, default=8, help="timed steps per layout")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    p.add_argument("--out", help="output folder (default: runs/<config>-bench)")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    env = os.environ
+    rank = int(env.get("RANK", 0))
+    layout = None
+    try:
+        cfg = load_config(args.config, args.overrides,
+                          default_path=ROOT / "configs" / "default.yaml")
+        modes = [m for m in args.data.split(",") if m]
+        bad = [m for m in modes if m not in ("synthetic", "loader")]
+        if bad or args.steps < 1 or args.warmup < 0:
+            raise UserError("--data takes synthetic and/or loader, --steps >= 1, --warmup >= 0")
+        from alexnet_mp.bench import run_bench
+        from alexnet_mp.parallel.layout import setup_layout
+
+        # The layout check is for training; the bench builds every layout itself.
+        layout = setup_layout(
+            "alexnet_columns", rank=rank, world_size=int(env.get("WORLD_SIZE", 1)),
+            local_rank=int(env.get("LOCAL_RANK", 0)),
+            local_world_size=int(env.get("LOCAL_WORLD_SIZE", env.get("WORLD_SIZE", 1))),
+            device=cfg.run.device, threads=cfg.run.threads, timeout_s=cfg.run.timeout_s)
+        out = Path(args.out) if args.out else ROOT / "runs" / f"{cfg.name}-bench"
+        say = print if layout.is_main else (lambda *a, **k: None)
+        run_bench(cfg, layout, out, args.layouts.split(","), modes, args.steps, args.warmup,
+                  say=lambda s: say(s, flush=True))
+        return 0
+    except UserError as exc:
+        if rank == 0:
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+        return exc.exit_code
+    finally:
+        if layout is not None:
+            layout.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
