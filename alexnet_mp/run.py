@@ -36,6 +36,7 @@ class PeerLostError(UserError):
     """Another rank died or stalled past run.timeout_s; restarting resumes from a checkpoint."""
 
     exit_code = 3
+    broken_group = True  # its process group cannot be torn down cleanly
 
 
 def make_scheduler(cfg: Config, optimizer: torch.optim.Optimizer):

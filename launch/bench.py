@@ -54,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
             "alexnet_columns", rank=rank, world_size=int(env.get("WORLD_SIZE", 1)),
             local_rank=int(env.get("LOCAL_RANK", 0)),
             local_world_size=int(env.get("LOCAL_WORLD_SIZE", env.get("WORLD_SIZE", 1))),
-            device=cfg.run.device, threads=cfg.run.threads, timeout_s=cfg.run.timeout_s)
+            device=cfg.run.device, threads=cfg.run.threads, timeout_s=cfg.run.timeout_s,
+            attempt=int(env.get("TORCHELASTIC_RESTART_COUNT", 0)))
         out = Path(args.out) if args.out else ROOT / "runs" / f"{cfg.name}-bench"
         say = print if layout.is_main else (lambda *a, **k: None)
         run_bench(cfg, layout, out, args.layouts.split(","), modes, args.steps, args.warmup,

@@ -48,12 +48,17 @@ def main(argv: list[str] | None = None) -> int:
             cfg.model.name, rank=rank, world_size=int(env.get("WORLD_SIZE", 1)),
             local_rank=int(env.get("LOCAL_RANK", 0)),
             local_world_size=int(env.get("LOCAL_WORLD_SIZE", env.get("WORLD_SIZE", 1))),
-            device=cfg.run.device, threads=cfg.run.threads, timeout_s=cfg.run.timeout_s)
+            device=cfg.run.device, threads=cfg.run.threads, timeout_s=cfg.run.timeout_s,
+            attempt=int(env.get("TORCHELASTIC_RESTART_COUNT", 0)))
         Trainer(cfg, layout).run()
         return 0
     except UserError as exc:
-        if rank == 0:
+        if rank == 0 or getattr(exc, "broken_group", False):
             print(f"error: {exc}", file=sys.stderr, flush=True)
+        if getattr(exc, "broken_group", False):
+            # Tearing down a group whose peer is gone can abort the process; leave at once.
+            sys.stdout.flush()
+            os._exit(exc.exit_code)
         return exc.exit_code
     except KeyboardInterrupt:
         return 130

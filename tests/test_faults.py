@@ -196,6 +196,7 @@ def test_a_rank_killed_mid_epoch_comes_back_under_torchrun(idx_root, tmp_path):
     pids = _worker_pids(run)
     os.kill(pids[1], signal.SIGKILL)
     out, err = agent.communicate(timeout=240)
+    Path("/tmp/agent_err.log").write_text(err)
     assert agent.returncode == 0, err[-3000:]
     assert "resumed from" in out
     straight = run_cli(small_overrides(idx_root, tmp_path / "straight", **extra), torchrun=2)

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
+from torch.distributed.rendezvous import rendezvous
 
 from alexnet_mp.errors import UserError
 
@@ -78,8 +79,13 @@ def pick_device(preference: str, local_rank: int) -> torch.device:
 
 def setup_layout(model_name: str, *, rank: int = 0, world_size: int = 1, local_rank: int = 0,
                  local_world_size: int = 1, device: str = "auto", threads: int | None = None,
-                 timeout_s: float = 600.0) -> Layout:
-    """Check that the model fits the world size, pick the device and start the process group."""
+                 timeout_s: float = 600.0, attempt: int = 0) -> Layout:
+    """Check that the model fits the world size, pick the device and start the process group.
+
+    ``attempt`` is torchrun's restart count: each attempt's group keys live under their own
+    prefix in the rendezvous store, which outlives a restart, so that a restarted rank never
+    reads the address of the worker it replaces.
+    """
     if world_size not in (1, 2):
         raise UserError(f"world size {world_size} is not supported: run 1 rank (one device) or "
                         "2 ranks (one column each), e.g. torchrun --nproc_per_node=2")
@@ -102,8 +108,11 @@ def setup_layout(model_name: str, *, rank: int = 0, world_size: int = 1, local_r
                     local_world_size=local_world_size, device=dev)
     if world_size > 1:
         backend = "nccl" if dev.type == "cuda" else "gloo"
-        dist.init_process_group(backend, rank=rank, world_size=world_size,
-                                timeout=datetime.timedelta(seconds=timeout_s),
+        timeout = datetime.timedelta(seconds=timeout_s)
+        store, _, _ = next(rendezvous("env://", rank=rank, world_size=world_size,
+                                      timeout=timeout))
+        dist.init_process_group(backend, store=dist.PrefixStore(f"alexnet_mp/{attempt}", store),
+                                rank=rank, world_size=world_size, timeout=timeout,
                                 device_id=dev if dev.type == "cuda" else None)
         layout.column, layout.columns, layout.group = rank, world_size, dist.group.WORLD
     return layout
