@@ -27,6 +27,7 @@ LRN = dict(size=5, alpha=1e-4, beta=0.75, k=2.0)
 # inputs" (paper §5); every other bias starts at 0.
 ONE_BIAS = ("conv2", "conv4", "conv5", "fc6", "fc7")
 LAYERS = ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8")
+INIT_BLOCK = 64  # rows drawn at a time by canonical_init
 
 
 @dataclass(frozen=True)
@@ -174,36 +175,46 @@ class ColumnAlexNet(nn.Module):
         return self.exchange.logits(x, self.row_split["fc8"])  # X5
 
 
+def _scale(scheme: str, shape: torch.Size) -> tuple[str, float]:
+    """(distribution, scale) of a layer's weights; fans per group, as nn.init counts them."""
+    fan_in = math.prod(shape[1:])
+    fan_out = shape[0] * math.prod(shape[2:])
+    if scheme == "paper":
+        return "normal", 0.01
+    if scheme == "kaiming":
+        # He et al.: keeps the ReLU stack's activations at unit scale, so the deep net leaves
+        # its initial plateau in tens of steps rather than hundreds.
+        return "normal", math.sqrt(2.0 / fan_in)
+    gain = math.sqrt(2.0) if scheme == "xavier_relu" else 1.0
+    return "uniform", gain * math.sqrt(6.0 / (fan_in + fan_out))
+
+
 def canonical_init(arch: Arch, scheme: str, seed: int,
                    rows: dict[str, slice] | None = None) -> dict[str, torch.Tensor]:
     """The grouped form's initial parameters from ``seed`` alone, cut to ``rows`` if given.
 
-    Every layout slices its rows out of the same draws, so one seed starts every layout alike.
-    A layer is drawn whole and cut at once, so only one full layer exists at a time.
+    Weights are drawn in blocks of ``INIT_BLOCK`` rows from one generator, in order, and a rank
+    keeps the blocks that overlap its rows: every layout gets the same numbers, and no rank ever
+    holds more than one block of a layer it does not own.
     """
     g = torch.Generator().manual_seed(seed)
     with torch.device("meta"):
         shapes = {name: p.shape for name, p in ColumnAlexNet(arch).named_parameters()}
     state = {}
     for layer in LAYERS:
-        w_shape = shapes[f"{layer}.weight"]
-        if scheme == "paper":
-            w = torch.randn(w_shape, generator=g) * 0.01
-            b = torch.full((w_shape[0],), 1.0 if layer in ONE_BIAS else 0.0)
-        else:
-            # Fan-in and fan-out per group, as nn.init computes them for a grouped conv.
-            fan_in = math.prod(w_shape[1:])
-            fan_out = w_shape[0] * math.prod(w_shape[2:])
-            if scheme == "kaiming":
-                # He et al.: keeps the ReLU stack's activations at unit scale, so the deep net
-                # leaves its initial plateau in tens of steps rather than hundreds.
-                w = torch.randn(w_shape, generator=g) * math.sqrt(2.0 / fan_in)
-            else:
-                gain = math.sqrt(2.0) if scheme == "xavier_relu" else 1.0
-                bound = gain * math.sqrt(6.0 / (fan_in + fan_out))
-                w = (torch.rand(w_shape, generator=g) * 2 - 1) * bound
-            b = torch.zeros(w_shape[0])
-        for kind, t in (("weight", w), ("bias", b)):
-            name = f"{layer}.{kind}"
-            state[name] = t[rows[name]].clone() if rows is not None else t
+        shape = shapes[f"{layer}.weight"]
+        kind, scale = _scale(scheme, shape)
+        want = rows[f"{layer}.weight"] if rows is not None else slice(0, shape[0])
+        start, stop = want.indices(shape[0])[:2]
+        kept = []
+        for first in range(0, shape[0], INIT_BLOCK):
+            block_shape = (min(INIT_BLOCK, shape[0] - first), *shape[1:])
+            block = (torch.randn(block_shape, generator=g) if kind == "normal"
+                     else torch.rand(block_shape, generator=g) * 2 - 1)
+            lo, hi = max(start, first), min(stop, first + block_shape[0])
+            if lo < hi:
+                kept.append(block[lo - first:hi - first] * scale)
+        state[f"{layer}.weight"] = torch.cat(kept)
+        bias = 1.0 if scheme == "paper" and layer in ONE_BIAS else 0.0
+        state[f"{layer}.bias"] = torch.full((stop - start,), bias)
     return state
