@@ -7,7 +7,6 @@ same work as the training job, and writes bench.json, bench.md and bench.png.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -17,6 +16,7 @@ if str(ROOT) not in sys.path:  # a fresh clone runs without `pip install -e .` t
 
 from alexnet_mp.config import load_config  # noqa: E402
 from alexnet_mp.errors import UserError  # noqa: E402
+from launch.common import layout_from_env, report  # noqa: E402
 
 DEFAULT_LAYOUTS = "d2l,grouped,split,split_overlap,ddp,hybrid"
 
@@ -36,8 +36,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    env = os.environ
-    rank = int(env.get("RANK", 0))
     layout = None
     try:
         cfg = load_config(args.config, args.overrides,
@@ -47,24 +45,16 @@ def main(argv: list[str] | None = None) -> int:
         if bad or args.steps < 1 or args.warmup < 0:
             raise UserError("--data takes synthetic and/or loader, --steps >= 1, --warmup >= 0")
         from alexnet_mp.bench import run_bench
-        from alexnet_mp.parallel.layout import setup_layout
 
         # The layout check is for training; the bench builds every layout itself.
-        layout = setup_layout(
-            "alexnet_columns", rank=rank, world_size=int(env.get("WORLD_SIZE", 1)),
-            local_rank=int(env.get("LOCAL_RANK", 0)),
-            local_world_size=int(env.get("LOCAL_WORLD_SIZE", env.get("WORLD_SIZE", 1))),
-            device=cfg.run.device, threads=cfg.run.threads, timeout_s=cfg.run.timeout_s,
-            attempt=int(env.get("TORCHELASTIC_RESTART_COUNT", 0)))
+        layout = layout_from_env(cfg, "alexnet_columns")
         out = Path(args.out) if args.out else ROOT / "runs" / f"{cfg.name}-bench"
         say = print if layout.is_main else (lambda *a, **k: None)
         run_bench(cfg, layout, out, args.layouts.split(","), modes, args.steps, args.warmup,
                   say=lambda s: say(s, flush=True))
         return 0
     except UserError as exc:
-        if rank == 0:
-            print(f"error: {exc}", file=sys.stderr, flush=True)
-        return exc.exit_code
+        return report(exc)
     finally:
         if layout is not None:
             layout.close()

@@ -6,7 +6,6 @@ It reads the command line and torchrun's environment, and hands plain values to 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -16,6 +15,7 @@ if str(ROOT) not in sys.path:  # a fresh clone runs without `pip install -e .` t
 
 from alexnet_mp.config import load_config  # noqa: E402
 from alexnet_mp.errors import UserError  # noqa: E402
+from launch.common import layout_from_env, report  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -30,8 +30,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    env = os.environ
-    rank = int(env.get("RANK", 0))
     layout = None
     try:
         cfg = load_config(args.config, args.overrides,
@@ -41,25 +39,13 @@ def main(argv: list[str] | None = None) -> int:
 
             print(shape_table(cfg.model, cfg.data.image_size))
             return 0
-        from alexnet_mp.parallel.layout import setup_layout
         from alexnet_mp.run import Trainer
 
-        layout = setup_layout(
-            cfg.model.name, rank=rank, world_size=int(env.get("WORLD_SIZE", 1)),
-            local_rank=int(env.get("LOCAL_RANK", 0)),
-            local_world_size=int(env.get("LOCAL_WORLD_SIZE", env.get("WORLD_SIZE", 1))),
-            device=cfg.run.device, threads=cfg.run.threads, timeout_s=cfg.run.timeout_s,
-            attempt=int(env.get("TORCHELASTIC_RESTART_COUNT", 0)))
+        layout = layout_from_env(cfg, cfg.model.name)
         Trainer(cfg, layout).run()
         return 0
     except UserError as exc:
-        if rank == 0 or getattr(exc, "broken_group", False):
-            print(f"error: {exc}", file=sys.stderr, flush=True)
-        if getattr(exc, "broken_group", False):
-            # Tearing down a group whose peer is gone can abort the process; leave at once.
-            sys.stdout.flush()
-            os._exit(exc.exit_code)
-        return exc.exit_code
+        return report(exc)
     except KeyboardInterrupt:
         return 130
     finally:

@@ -1,0 +1,37 @@
+"""What both entry points read from torchrun's environment, and how they report bad input."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from alexnet_mp.config import Config
+from alexnet_mp.errors import UserError
+from alexnet_mp.parallel.layout import Layout, setup_layout
+
+
+def env_rank() -> int:
+    return int(os.environ.get("RANK", 0))
+
+
+def layout_from_env(cfg: Config, model_name: str) -> Layout:
+    """The layout for this process from torchrun's variables (absent: one process)."""
+    env = os.environ
+    world = int(env.get("WORLD_SIZE", 1))
+    return setup_layout(
+        model_name, rank=env_rank(), world_size=world, local_rank=int(env.get("LOCAL_RANK", 0)),
+        local_world_size=int(env.get("LOCAL_WORLD_SIZE", world)), device=cfg.run.device,
+        threads=cfg.run.threads, timeout_s=cfg.run.timeout_s,
+        attempt=int(env.get("TORCHELASTIC_RESTART_COUNT", 0)))
+
+
+def report(exc: UserError) -> int:
+    """One line on stderr (rank 0, or the rank whose group broke); returns the exit code."""
+    broken = getattr(exc, "broken_group", False)
+    if env_rank() == 0 or broken:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+    if broken:
+        # Tearing down a group whose peer is gone can abort the process; leave at once.
+        sys.stdout.flush()
+        os._exit(exc.exit_code)
+    return exc.exit_code
