@@ -33,7 +33,7 @@ from alexnet_mp.data import BatchTransform, build_data, make_loader, set_epoch
 from alexnet_mp.errors import UserError
 from alexnet_mp.models import build_model
 from alexnet_mp.models.columns import Arch, ColumnAlexNet, canonical_init, sides
-from alexnet_mp.parallel.exchange import ColumnExchange, Meter
+from alexnet_mp.parallel.exchange import Meter
 from alexnet_mp.parallel.hybrid import HybridAlexNet
 from alexnet_mp.parallel.layout import Layout
 
@@ -102,15 +102,11 @@ def _arch(cfg: Config) -> Arch:
     return Arch(m.num_classes, m.in_channels, cfg.data.image_size, m.width, m.dropout)
 
 
-def _columns_model(cfg: Config, layout: Layout, column: int | None,
-                   exchange: ColumnExchange | None) -> ColumnAlexNet:
-    generator = torch.Generator(device=layout.device).manual_seed(cfg.train.seed + 1)
-    arch = _arch(cfg)
-    with torch.device("meta"):
-        model = ColumnAlexNet(arch, column, exchange, generator)
-    model = model.to_empty(device=layout.device)
-    model.load_state_dict(canonical_init(arch, "kaiming", cfg.train.seed, model.slices()))
-    return model
+def _model(cfg: Config, layout: Layout, name: str, meter: Meter | None = None,
+           overlap: bool = False) -> nn.Module:
+    """The training path's own model builder; ``layout`` decides grouped form or column."""
+    model_cfg = dataclasses.replace(cfg.model, name=name, overlap=overlap)
+    return build_model(model_cfg, cfg.data.image_size, layout, cfg.train.seed, meter)
 
 
 def build_work(name: str, cfg: Config, layout: Layout) -> Work:
@@ -130,21 +126,16 @@ def build_work(name: str, cfg: Config, layout: Layout) -> Work:
         active = rank == 0
         if not active:
             return Work(nn.Identity(), lambda x, y: None, None, meter, batch, False)
-        if name == "d2l":
-            model = build_model(dataclasses.replace(cfg.model, name="alexnet_d2l"),
-                                cfg.data.image_size, Layout(device=layout.device), cfg.train.seed)
-        else:
-            model = _columns_model(cfg, layout, None, None)
+        one = Layout(device=layout.device)
+        model = _model(cfg, one, "alexnet_d2l" if name == "d2l" else "alexnet_grouped")
         return Work(model, plain_step(model), _sgd(model, cfg), meter, batch, True)
     if name in ("split", "split_overlap"):
-        exchange = ColumnExchange(rank, world, group, overlap=name == "split_overlap",
-                                  meter=meter)
-        model = _columns_model(cfg, layout, rank, exchange)
+        model = _model(cfg, layout, "alexnet_columns", meter, overlap=name == "split_overlap")
         return Work(model, plain_step(model), _sgd(model, cfg), meter, batch, True)
     if batch % world:
         raise UserError(f"train.batch_size={batch} must divide by {world} ranks for {name}")
     if name == "ddp":
-        model = _columns_model(cfg, layout, None, None)
+        model = _model(cfg, Layout(device=layout.device), "alexnet_grouped")
         ddp = DistributedDataParallel(model, device_ids=[layout.device.index]
                                       if layout.device.type == "cuda" else None)
 
@@ -163,7 +154,8 @@ def build_work(name: str, cfg: Config, layout: Layout) -> Work:
         with torch.device("meta"):
             model = HybridAlexNet(arch, rank, world, group, generator, meter)
         model = model.to_empty(device=layout.device)
-        model.load_state_dict(canonical_init(arch, "kaiming", cfg.train.seed, model.slices()))
+        init = "kaiming" if cfg.model.init == "auto" else cfg.model.init
+        model.load_state_dict(canonical_init(arch, init, cfg.train.seed, model.slices()))
 
         def hybrid_step(x, y):
             # Every rank gets the whole batch's logits, so the loss needs the whole batch's labels.

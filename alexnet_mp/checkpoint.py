@@ -32,6 +32,13 @@ def _row_slices(model: nn.Module) -> dict[str, slice]:
     return model.slices() if hasattr(model, "slices") else {}
 
 
+def canonical_shapes(model: nn.Module) -> dict[str, torch.Size]:
+    """Shapes of the grouped form's tensors, whichever part of them this rank holds."""
+    full = getattr(model, "full_rows", None)
+    return {name: torch.Size((full[name.split(".")[0]], *p.shape[1:])) if full else p.shape
+            for name, p in model.named_parameters()}
+
+
 def _canonical(model: nn.Module, tensors: dict[str, torch.Tensor], layout: Layout
                ) -> dict[str, torch.Tensor]:
     """Whole (grouped-form) tensors on the CPU from this rank's rows of ``tensors``."""

@@ -12,7 +12,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
 from alexnet_mp import checkpoint as ckpt
 from alexnet_mp.config import Config, dump_config, run_dir
@@ -23,13 +22,6 @@ from alexnet_mp.guard import StepGuard
 from alexnet_mp.metrics import MetricsLog, plot_curves
 from alexnet_mp.models import build_model, model_family
 from alexnet_mp.parallel.layout import Layout
-
-
-def canonical_shapes(model: nn.Module) -> dict[str, torch.Size]:
-    """Shapes of the grouped form's tensors, whichever part of them this rank holds."""
-    full = getattr(model, "full_rows", None)
-    return {name: torch.Size((full[name.split(".")[0]], *p.shape[1:])) if full else p.shape
-            for name, p in model.named_parameters()}
 
 
 class PeerLostError(UserError):
@@ -118,8 +110,8 @@ class Trainer:
             path, saved = found
         else:
             path, saved = Path(resume), ckpt.load(resume)
-        ckpt.check_fits(saved, model_family(self.cfg.model.name), canonical_shapes(self.model),
-                        path)
+        ckpt.check_fits(saved, model_family(self.cfg.model.name),
+                        ckpt.canonical_shapes(self.model), path)
         ckpt.restore(saved, self.model, self.optimizer)
         if self.scheduler is not None and saved.get("scheduler"):
             self.scheduler.load_state_dict(saved["scheduler"])

@@ -9,7 +9,7 @@ from alexnet_mp.config import ModelConfig
 from alexnet_mp.errors import UserError
 from alexnet_mp.models.columns import Arch, ColumnAlexNet, canonical_init, min_image_size
 from alexnet_mp.models.d2l import d2l_alexnet
-from alexnet_mp.parallel.exchange import ColumnExchange
+from alexnet_mp.parallel.exchange import ColumnExchange, Meter
 from alexnet_mp.parallel.layout import Layout
 
 __all__ = ["build_model", "model_family", "ColumnAlexNet", "Arch"]
@@ -30,8 +30,12 @@ def _d2l_min_size() -> int:
     raise AssertionError("unreachable")
 
 
-def build_model(cfg: ModelConfig, image_size: int, layout: Layout, seed: int) -> nn.Module:
-    """The model on ``layout.device``, initialised from ``seed`` the same way in every layout."""
+def build_model(cfg: ModelConfig, image_size: int, layout: Layout, seed: int,
+                meter: Meter | None = None) -> nn.Module:
+    """The model on ``layout.device``, initialised from ``seed`` the same way in every layout.
+
+    ``meter`` (the benchmark's) times the column exchanges and counts their bytes.
+    """
     init = cfg.init if cfg.init != "auto" else (
         "xavier_relu" if cfg.name == "alexnet_d2l" else "kaiming")
     if cfg.name == "alexnet_d2l":
@@ -61,7 +65,7 @@ def build_model(cfg: ModelConfig, image_size: int, layout: Layout, seed: int) ->
     exchange = None
     if layout.column is not None:
         overlap = cfg.overlap if cfg.overlap is not None else layout.device.type == "cuda"
-        exchange = ColumnExchange(layout.column, layout.columns, layout.group, overlap)
+        exchange = ColumnExchange(layout.column, layout.columns, layout.group, overlap, meter)
     # Built on the meta device so that no throw-away full-width tensors are ever allocated.
     with torch.device("meta"):
         model = ColumnAlexNet(arch, layout.column, exchange, generator)
