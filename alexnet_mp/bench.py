@@ -286,21 +286,21 @@ class Batches:
 
 
 def run_layout(name: str, mode: str, cfg: Config, layout: Layout, steps: int,
-               warmup: int) -> dict[str, Any] | None:
+               warmup: int, profile_dir: Path | None = None) -> dict[str, Any] | None:
     """Time one layout on one data mode; every rank calls it, rank 0 gets the merged result."""
     one_device = name in ONE_DEVICE
     threads = torch.get_num_threads()
     if one_device and layout.device.type == "cpu" and layout.rank == 0:
         torch.set_num_threads(threads * layout.world_size)  # the same cores as the pair uses
     try:
-        return _run_layout(name, mode, cfg, layout, steps, warmup)
+        return _run_layout(name, mode, cfg, layout, steps, warmup, profile_dir)
     finally:
         torch.set_num_threads(threads)
         if layout.device.type == "cuda":
             torch.cuda.empty_cache()
 
 
-def _run_layout(name, mode, cfg, layout, steps, warmup) -> dict[str, Any] | None:
+def _run_layout(name, mode, cfg, layout, steps, warmup, profile_dir) -> dict[str, Any] | None:
     device, rank, world = layout.device, layout.rank, layout.world_size
     return_freed_memory_to_the_os()
     dist.barrier()
@@ -336,6 +336,11 @@ def _run_layout(name, mode, cfg, layout, steps, warmup) -> dict[str, Any] | None
                     fwd_bwd.append(t1 - t0)
                     opt_times.append(t2 - t1)
                     exch.append(work.meter.seconds - seconds_before)
+            moved = work.meter.bytes // steps
+            memory = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
+                      else rss.peak - baseline)
+            if profile_dir is not None and mode == "synthetic":  # after the measurements
+                _profile(work, batches, profile_dir / f"profile-{name}-rank{rank}.txt")
             exchange_s = statistics.median(exch)
             if name == "ddp":
                 exchange_s = _ddp_exposed_comm(work, batches, warmup, statistics.median(fwd_bwd))
@@ -344,15 +349,14 @@ def _run_layout(name, mode, cfg, layout, steps, warmup) -> dict[str, Any] | None
                 "step_s_max": max(times),
                 "compute_s": statistics.median(fwd_bwd) - exchange_s,
                 "exchange_s": exchange_s, "optimizer_s": statistics.median(opt_times),
-                "bytes_counted": work.meter.bytes // steps, "flops_rank": flops,
+                "bytes_counted": moved, "flops_rank": flops, "peak_memory_bytes": memory,
             })
             batch = cfg.train.batch_size
             ips = [batch / t for t in times]
             record.update({"images_per_s": statistics.median(ips), "images_per_s_min": min(ips),
                            "images_per_s_max": max(ips)})
         del work
-    record["peak_memory_bytes"] = (torch.cuda.max_memory_allocated(device)
-                                   if device.type == "cuda" else rss.peak - baseline)
+    record.setdefault("peak_memory_bytes", 0)  # the waiting rank of a one-device layout
     record["peak_rss_bytes"] = rss.peak
     dist.barrier()
     probe = matmul_probe(device) if (record.get("step_s") is not None) else 0.0
@@ -361,6 +365,25 @@ def _run_layout(name, mode, cfg, layout, steps, warmup) -> dict[str, Any] | None
     if rank != 0:
         return None
     return _merge(name, mode, cfg, records, world)
+
+
+def _profile(work: Work, batches: Batches, path: Path, steps: int = 3) -> None:
+    """torch.profiler over a few extra steps (not the timed ones): where each rank's time goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU]
+    if batches.device.type == "cuda":
+        activities.append(ProfilerActivity.CUDA)
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            x, y = batches.next()
+            work.optimizer.zero_grad(set_to_none=True)
+            work.step(x, y)
+            work.optimizer.step()
+        _sync(batches.device)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    key = "self_cuda_time_total" if batches.device.type == "cuda" else "self_cpu_time_total"
+    path.write_text(f"{steps} steps\n" + prof.key_averages().table(sort_by=key, row_limit=20))
 
 
 def _ddp_exposed_comm(work: Work, batches: Batches, warmup: int, with_comm: float) -> float:
@@ -387,6 +410,9 @@ def _merge(name: str, mode: str, cfg: Config, records: list[dict], world: int) -
         out[key] = max(r[key] for r in active)
     out["step_s_min"] = max(r["step_s_min"] for r in active)
     out["ranks"] = len(active)
+    # Per rank: a rank that waits long in the exchanges is waiting for a slower peer.
+    out["step_s_per_rank"] = [r["step_s"] for r in active]
+    out["exchange_s_per_rank"] = [r["exchange_s"] for r in active]
     out["bytes_analytic"] = analytic_bytes(name, cfg, world)
     out["peak_memory_bytes"] = max(r["peak_memory_bytes"] for r in active)
     out["peak_rss_bytes"] = max(r["peak_rss_bytes"] for r in active)
@@ -445,8 +471,10 @@ def bar_chart(results: list[dict], path: Path) -> None:
 
 
 def run_bench(cfg: Config, layout: Layout, out: Path, layouts: list[str], modes: list[str],
-              steps: int, warmup: int, say: Callable[[str], None] = print) -> list[dict]:
-    """Every layout × data mode; rank 0 writes bench.json, bench.md and bench.png into ``out``."""
+              steps: int, warmup: int, say: Callable[[str], None] = print,
+              profile: bool = False) -> list[dict]:
+    """Every layout × data mode; rank 0 writes bench.json, bench.md and bench.png into ``out``,
+    and with ``profile`` every rank writes a torch.profiler table per layout."""
     if layout.world_size != 2:
         raise UserError("the benchmark compares 2-rank layouts: run it with "
                         "torchrun --nproc_per_node=2 launch/bench.py")
@@ -457,7 +485,8 @@ def run_bench(cfg: Config, layout: Layout, out: Path, layouts: list[str], modes:
     results = []
     for name in layouts:
         for mode in modes:
-            result = run_layout(name, mode, cfg, layout, steps, warmup)
+            result = run_layout(name, mode, cfg, layout, steps, warmup,
+                                out if profile else None)
             if result is not None:
                 results.append(result)
                 say(f"{name:>14} {mode:>9}: {result['images_per_s']:7.1f} images/s, exchange "

@@ -30,6 +30,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=8, help="timed steps per layout")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     p.add_argument("--out", help="output folder (default: runs/<config>-bench)")
+    p.add_argument("--profile", action="store_true",
+                   help="also write a torch.profiler table per layout and rank")
     p.add_argument("overrides", nargs="*", metavar="section.key=value")
     return p.parse_args(argv)
 
@@ -51,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(args.out) if args.out else ROOT / "runs" / f"{cfg.name}-bench"
         say = print if layout.is_main else (lambda *a, **k: None)
         run_bench(cfg, layout, out, args.layouts.split(","), modes, args.steps, args.warmup,
-                  say=lambda s: say(s, flush=True))
+                  say=lambda s: say(s, flush=True), profile=args.profile)
         return 0
     except UserError as exc:
         return report(exc)

@@ -16,7 +16,7 @@ FIELDS = ("images_per_s", "images_per_s_min", "images_per_s_max", "step_s", "com
 def test_bench_reports_every_layout_with_exact_exchange_bytes(idx_root, tmp_path):
     out = tmp_path / "bench"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(ROOT / "launch" / "bench.py"), "--steps", "2", "--warmup", "1",
+           str(ROOT / "launch" / "bench.py"), "--steps", "2", "--warmup", "1", "--profile",
            "--out", str(out), "model.width=0.125", "model.num_classes=10",
            "data.name=mnist", f"data.root={idx_root}", "data.image_size=67",
            "train.batch_size=8", "run.dir=" + str(tmp_path / "unused")]
@@ -42,6 +42,10 @@ def test_bench_reports_every_layout_with_exact_exchange_bytes(idx_root, tmp_path
     assert results[("ddp", "synthetic")]["flops_step"] == grouped
     assert (out / "bench.md").read_text().startswith("| layout |")
     assert (out / "bench.png").read_bytes()[:4] == b"\x89PNG"
+    # --profile: a torch.profiler table per layout and rank, taken after the timed steps.
+    for rank in (0, 1):
+        assert "convolution" in (out / f"profile-split-rank{rank}.txt").read_text()
+    assert len(results[("split", "synthetic")]["exchange_s_per_rank"]) == 2
 
 
 def test_flop_count_of_a_grouped_conv_equals_its_two_halves():
