@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -110,7 +111,10 @@ def link_atomic(target: Path, link: Path) -> None:
     """Point ``link`` (last.pt, best.pt) at ``target`` without copying and without a gap."""
     tmp = link.with_name(f".{link.name}.tmp")
     tmp.unlink(missing_ok=True)
-    os.link(target, tmp)
+    try:
+        os.link(target, tmp)
+    except OSError:  # file systems without hard links get a copy
+        shutil.copyfile(target, tmp)
     os.replace(tmp, link)
 
 

@@ -104,3 +104,17 @@ def test_resume_none_never_overwrites(idx_root, tmp_path):
         train(idx_root, tmp_path / "r", **{"train.resume": "none"})
     after = {p.name: p.read_bytes() for p in ckpt.step_files(tmp_path / "r" / "checkpoints")}
     assert before == after
+
+
+def test_eval_only_reproduces_the_last_epochs_test_accuracy(idx_root, tmp_path):
+    run = tmp_path / "r"
+    trained = train(idx_root, run, **{"train.epochs": 2, "model.init": "kaiming"})
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    last_epoch = [r for r in records if r["kind"] == "epoch"][-1]
+    cfg = load_config(None, small_overrides(idx_root, run, **{"train.epochs": 2,
+                                                              "model.init": "kaiming",
+                                                              "train.eval_only": True}))
+    result = Trainer(cfg, setup_layout(cfg.model.name, threads=1)).run()
+    assert result["test_acc"] == last_epoch["test_acc"]
+    assert result["test_loss"] == pytest.approx(last_epoch["test_loss"], rel=1e-6)
+    assert trained.state.global_step == 12
