@@ -14,9 +14,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # a fresh clone runs without `pip install -e .` too
     sys.path.insert(0, str(ROOT))
 
-from alexnet_mp.config import load_config  # noqa: E402
 from alexnet_mp.errors import UserError  # noqa: E402
-from launch.common import layout_from_env, report  # noqa: E402
+from launch.common import config_from_args, layout_from_env, report  # noqa: E402
 
 DEFAULT_LAYOUTS = "d2l,grouped,split,split_overlap,ddp,hybrid"
 
@@ -40,8 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     layout = None
     try:
-        cfg = load_config(args.config, args.overrides,
-                          default_path=ROOT / "configs" / "default.yaml")
+        cfg = config_from_args(args)
         modes = [m for m in args.data.split(",") if m]
         bad = [m for m in modes if m not in ("synthetic", "loader")]
         if bad or args.steps < 1 or args.warmup < 0:
@@ -50,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
 
         # The layout check is for training; the bench builds every layout itself.
         layout = layout_from_env(cfg, "alexnet_columns")
-        out = Path(args.out) if args.out else ROOT / "runs" / f"{cfg.name}-bench"
+        out = Path(args.out) if args.out else Path("runs") / f"{cfg.name}-bench"
         say = print if layout.is_main else (lambda *a, **k: None)
         run_bench(cfg, layout, out, args.layouts.split(","), modes, args.steps, args.warmup,
                   say=lambda s: say(s, flush=True), profile=args.profile)

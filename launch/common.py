@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
+from pathlib import Path
 
-from alexnet_mp.config import Config
+from alexnet_mp.config import Config, load_config
 from alexnet_mp.errors import UserError
 from alexnet_mp.parallel.layout import Layout, setup_layout
+
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    """``--config`` (default configs/default.yaml) with the command line's overrides on top."""
+    return load_config(args.config, args.overrides, default_path=DEFAULT_CONFIG)
 
 
 def env_rank() -> int:

@@ -13,9 +13,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # a fresh clone runs without `pip install -e .` too
     sys.path.insert(0, str(ROOT))
 
-from alexnet_mp.config import load_config  # noqa: E402
 from alexnet_mp.errors import UserError  # noqa: E402
-from launch.common import layout_from_env, report  # noqa: E402
+from launch.common import config_from_args, layout_from_env, report  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -32,8 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     layout = None
     try:
-        cfg = load_config(args.config, args.overrides,
-                          default_path=ROOT / "configs" / "default.yaml")
+        cfg = config_from_args(args)
         if args.print_shapes:
             from alexnet_mp.models.shapes import shape_table
 
