@@ -30,9 +30,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from alexnet_mp.config import Config
 from alexnet_mp.data import BatchTransform, build_data, make_loader, set_epoch
+from alexnet_mp.engine import sync_device as _sync
 from alexnet_mp.errors import UserError
-from alexnet_mp.models import build_model
-from alexnet_mp.models.columns import Arch, ColumnAlexNet, canonical_init, sides
+from alexnet_mp.models import arch_of, build_model, materialize
+from alexnet_mp.models.columns import Arch, ColumnAlexNet, sides
 from alexnet_mp.parallel.exchange import Meter
 from alexnet_mp.parallel.hybrid import HybridAlexNet
 from alexnet_mp.parallel.layout import Layout
@@ -98,8 +99,7 @@ def _sgd(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
 
 
 def _arch(cfg: Config) -> Arch:
-    m = cfg.model
-    return Arch(m.num_classes, m.in_channels, cfg.data.image_size, m.width, m.dropout)
+    return arch_of(cfg.model, cfg.data.image_size)
 
 
 def _model(cfg: Config, layout: Layout, name: str, meter: Meter | None = None,
@@ -149,13 +149,9 @@ def build_work(name: str, cfg: Config, layout: Layout) -> Work:
         ddp.register_comm_hook(group, counting_hook)
         return Work(ddp, plain_step(ddp), _sgd(model, cfg), meter, batch // world, True)
     if name == "hybrid":
-        generator = torch.Generator(device=layout.device).manual_seed(cfg.train.seed + 1)
         arch = _arch(cfg)
-        with torch.device("meta"):
-            model = HybridAlexNet(arch, rank, world, group, generator, meter)
-        model = model.to_empty(device=layout.device)
-        init = "kaiming" if cfg.model.init == "auto" else cfg.model.init
-        model.load_state_dict(canonical_init(arch, init, cfg.train.seed, model.slices()))
+        model = materialize(lambda g: HybridAlexNet(arch, rank, world, group, g, meter),
+                            cfg.model, cfg.data.image_size, layout.device, cfg.train.seed)
 
         def hybrid_step(x, y):
             # Every rank gets the whole batch's logits, so the loss needs the whole batch's labels.
@@ -215,11 +211,6 @@ def matmul_probe(device: torch.device, seconds: float = 0.5, n: int = 1024) -> f
         count += 1
     _sync(device)
     return 2 * n ** 3 * count / (time.perf_counter() - start)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def grouped_conv_backward_flop(grad_out_shape, x_shape, w_shape, bias, stride, padding,

@@ -64,7 +64,7 @@ class Precision:
             self.scaler.update()
 
 
-def _sync(device: torch.device) -> None:
+def sync_device(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -142,7 +142,7 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
         if last:
             break
     bar.close()
-    _sync(device)
+    sync_device(device)
     elapsed = time.perf_counter() - epoch_start
     return {"train_loss": (loss_sum / max(seen, 1)).item(),
             "train_acc": correct.item() / max(seen, 1),

@@ -15,7 +15,7 @@ if str(ROOT) not in sys.path:  # a fresh clone runs without `pip install -e .` t
     sys.path.insert(0, str(ROOT))
 
 from alexnet_mp.errors import UserError  # noqa: E402
-from launch.common import config_from_args, layout_from_env, report  # noqa: E402
+from launch.common import run_entry  # noqa: E402
 
 DEFAULT_LAYOUTS = "d2l,grouped,split,split_overlap,ddp,hybrid"
 
@@ -37,9 +37,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    layout = None
-    try:
-        cfg = config_from_args(args)
+
+    def body(cfg, open_layout) -> None:
         modes = [m for m in args.data.split(",") if m]
         bad = [m for m in modes if m not in ("synthetic", "loader")]
         if bad or args.steps < 1 or args.warmup < 0:
@@ -47,17 +46,13 @@ def main(argv: list[str] | None = None) -> int:
         from alexnet_mp.bench import run_bench
 
         # The layout check is for training; the bench builds every layout itself.
-        layout = layout_from_env(cfg, "alexnet_columns")
+        layout = open_layout("alexnet_columns")
         out = Path(args.out) if args.out else Path("runs") / f"{cfg.name}-bench"
         say = print if layout.is_main else (lambda *a, **k: None)
         run_bench(cfg, layout, out, args.layouts.split(","), modes, args.steps, args.warmup,
                   say=lambda s: say(s, flush=True), profile=args.profile)
-        return 0
-    except UserError as exc:
-        return report(exc)
-    finally:
-        if layout is not None:
-            layout.close()
+
+    return run_entry(args, body)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from alexnet_mp.config import Config, load_config
@@ -44,3 +45,26 @@ def report(exc: UserError) -> int:
         sys.stdout.flush()
         os._exit(exc.exit_code)
     return exc.exit_code
+
+
+def run_entry(args: argparse.Namespace,
+              body: Callable[[Config, Callable[[str], Layout]], None]) -> int:
+    """Config from the command line, then ``body(cfg, open_layout)``. Bad input becomes one line
+    and its exit code; the process group ``open_layout`` started is closed, on failure too."""
+    opened: list[Layout] = []
+    try:
+        cfg = config_from_args(args)
+
+        def open_layout(model_name: str) -> Layout:
+            opened.append(layout_from_env(cfg, model_name))
+            return opened[-1]
+
+        body(cfg, open_layout)
+        return 0
+    except UserError as exc:
+        return report(exc)
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        for layout in opened:
+            layout.close()

@@ -13,8 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # a fresh clone runs without `pip install -e .` too
     sys.path.insert(0, str(ROOT))
 
-from alexnet_mp.errors import UserError  # noqa: E402
-from launch.common import config_from_args, layout_from_env, report  # noqa: E402
+from launch.common import run_entry  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -29,26 +28,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    layout = None
-    try:
-        cfg = config_from_args(args)
+
+    def body(cfg, open_layout) -> None:
         if args.print_shapes:
             from alexnet_mp.models.shapes import shape_table
 
             print(shape_table(cfg.model, cfg.data.image_size))
-            return 0
+            return
         from alexnet_mp.run import Trainer
 
-        layout = layout_from_env(cfg, cfg.model.name)
-        Trainer(cfg, layout).run()
-        return 0
-    except UserError as exc:
-        return report(exc)
-    except KeyboardInterrupt:
-        return 130
-    finally:
-        if layout is not None:
-            layout.close()
+        Trainer(cfg, open_layout(cfg.model.name)).run()
+
+    return run_entry(args, body)
 
 
 if __name__ == "__main__":

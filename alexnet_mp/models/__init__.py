@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -30,14 +32,37 @@ def _d2l_min_size() -> int:
     raise AssertionError("unreachable")
 
 
+def resolve_init(cfg: ModelConfig) -> str:
+    """``auto``: Glorot with the ReLU gain for d2l's net, He init for the columns (README)."""
+    if cfg.init != "auto":
+        return cfg.init
+    return "xavier_relu" if cfg.name == "alexnet_d2l" else "kaiming"
+
+
+def arch_of(cfg: ModelConfig, image_size: int) -> Arch:
+    return Arch(cfg.num_classes, cfg.in_channels, image_size, cfg.width, cfg.dropout)
+
+
+def materialize(make: Callable[[torch.Generator], nn.Module], cfg: ModelConfig, image_size: int,
+                device: torch.device, seed: int) -> nn.Module:
+    """``make(dropout generator)`` built on the meta device, then only its own rows allocated and
+    drawn from the canonical initialisation, so no throw-away full-width tensor ever exists."""
+    generator = torch.Generator(device=device).manual_seed(seed + 1)
+    with torch.device("meta"):
+        model = make(generator)
+    model = model.to_empty(device=device)
+    model.load_state_dict(canonical_init(arch_of(cfg, image_size), resolve_init(cfg), seed,
+                                         model.slices()))
+    return model
+
+
 def build_model(cfg: ModelConfig, image_size: int, layout: Layout, seed: int,
                 meter: Meter | None = None) -> nn.Module:
     """The model on ``layout.device``, initialised from ``seed`` the same way in every layout.
 
     ``meter`` (the benchmark's) times the column exchanges and counts their bytes.
     """
-    init = cfg.init if cfg.init != "auto" else (
-        "xavier_relu" if cfg.name == "alexnet_d2l" else "kaiming")
+    init = resolve_init(cfg)
     if cfg.name == "alexnet_d2l":
         torch.manual_seed(seed)
         try:
@@ -60,15 +85,10 @@ def build_model(cfg: ModelConfig, image_size: int, layout: Layout, seed: int,
     if image_size < min_image_size():
         raise UserError(f"data.image_size={image_size} is too small for {cfg.name}; use at least "
                         f"{min_image_size()} (227 is the paper's input)")
-    arch = Arch(cfg.num_classes, cfg.in_channels, image_size, cfg.width, cfg.dropout)
-    generator = torch.Generator(device=layout.device).manual_seed(seed + 1)
     exchange = None
     if layout.column is not None:
         overlap = cfg.overlap if cfg.overlap is not None else layout.device.type == "cuda"
         exchange = ColumnExchange(layout.column, layout.columns, layout.group, overlap, meter)
-    # Built on the meta device so that no throw-away full-width tensors are ever allocated.
-    with torch.device("meta"):
-        model = ColumnAlexNet(arch, layout.column, exchange, generator)
-    model = model.to_empty(device=layout.device)
-    model.load_state_dict(canonical_init(arch, init, seed, model.slices()))
-    return model
+    arch = arch_of(cfg, image_size)
+    return materialize(lambda g: ColumnAlexNet(arch, layout.column, exchange, g), cfg,
+                       image_size, layout.device, seed)

@@ -147,14 +147,12 @@ class ColumnExchange:
 
     def into(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """X1–X4: apply ``layer`` (which reads every column's channels) to the gathered ``x``."""
-        box: list = []
-        gathered = _StartGather.apply(x, self.group, box, self.meter)
         n, width = x.shape[0], x.shape[1]
         if not self.overlap:
-            with _timed(self.meter):
-                box[0].wait()
-            columns = [gathered[c * n:(c + 1) * n] for c in range(self.columns)]
-            return layer(torch.cat(columns, dim=1))
+            gathered = gather_batch(x, self.group, self.meter)
+            return layer(torch.cat(gathered.split(n), dim=1))
+        box: list = []
+        gathered = _StartGather.apply(x, self.group, box, self.meter)
         # The layer is linear in its input channels: convolve our own half while the others'
         # halves are in flight, then add their contributions as they arrive.
         own = slice(self.column * width, (self.column + 1) * width)
