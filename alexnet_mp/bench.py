@@ -32,10 +32,11 @@ from alexnet_mp.config import Config
 from alexnet_mp.data import BatchTransform, build_data, make_loader, set_epoch
 from alexnet_mp.engine import sync_device as _sync
 from alexnet_mp.errors import UserError
-from alexnet_mp.models import arch_of, build_model, materialize
+from alexnet_mp.models import arch_of, materialize
 from alexnet_mp.models.columns import Arch, ColumnAlexNet, sides
-from alexnet_mp.parallel.exchange import Meter
-from alexnet_mp.parallel.hybrid import HybridAlexNet
+from alexnet_mp.parallel.build import build_model
+from alexnet_mp.parallel.exchange import Meter, gather_labels
+from alexnet_mp.parallel.hybrid import HybridAlexNet, sum_trunk_grads
 from alexnet_mp.parallel.layout import Layout
 
 LAYOUTS = ("d2l", "grouped", "split", "split_overlap", "ddp", "hybrid")
@@ -152,22 +153,16 @@ def build_work(name: str, cfg: Config, layout: Layout) -> Work:
         arch = _arch(cfg)
         model = materialize(lambda g: HybridAlexNet(arch, rank, world, group, g, meter),
                             cfg.model, cfg.data.image_size, layout.device, cfg.train.seed)
+        sum_trunk_grads(model, group=group, meter=meter)  # during backward, as DDP does
 
         def hybrid_step(x, y):
             # Every rank gets the whole batch's logits, so the loss needs the whole batch's labels.
-            loss = F.cross_entropy(model(x), _gather_labels(y, group, world))
+            loss = F.cross_entropy(model(x), gather_labels(y, group))
             loss.backward()
-            model.sync_trunk_grads()
             return loss
 
         return Work(model, hybrid_step, _sgd(model, cfg), meter, batch // world, True)
     raise UserError(f"unknown bench layout '{name}'; choose from {', '.join(LAYOUTS)}")
-
-
-def _gather_labels(y: torch.Tensor, group, world: int) -> torch.Tensor:
-    parts = [torch.empty_like(y) for _ in range(world)]
-    dist.all_gather(parts, y, group=group)
-    return torch.cat(parts)
 
 
 def analytic_bytes(name: str, cfg: Config, world: int) -> int:

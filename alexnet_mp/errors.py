@@ -1,7 +1,36 @@
-"""The one exception type that reaches the user as a single line."""
+"""The exception types that reach the user as a single line, and the one that marks a lost peer."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
 
 
 class UserError(Exception):
     """Bad input the user can fix: printed as one line, exit code 2, no traceback."""
 
     exit_code = 2
+
+
+class PeerLostError(UserError):
+    """A collective failed: another rank died or stalled past run.timeout_s.
+
+    Raised by :func:`peer_errors` around our own collectives, so that the trainer classifies a
+    failure by where it happened (a collective) rather than by the words of its message; gloo
+    raises a plain RuntimeError for a dead or silent peer.
+    """
+
+    exit_code = 3
+    broken_group = True  # its process group cannot be torn down cleanly
+
+
+@contextlib.contextmanager
+def peer_errors(what: str) -> Iterator[None]:
+    """Turn a RuntimeError raised by a torch.distributed call inside into PeerLostError."""
+    try:
+        yield
+    except PeerLostError:
+        raise
+    except RuntimeError as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        raise PeerLostError(f"{what} failed: {first}") from exc

@@ -1,20 +1,33 @@
-"""Builds the model a config names, for the rank's place in the layout."""
+"""Builds the model a config names: whole on one device, or one column given its exchange.
+
+Which column, which replica and which process group are the parallel layer's business
+(``alexnet_mp.parallel.build``); nothing here imports ``torch.distributed``.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
 
 from alexnet_mp.config import ModelConfig
 from alexnet_mp.errors import UserError
-from alexnet_mp.models.columns import Arch, ColumnAlexNet, canonical_init, min_image_size
+from alexnet_mp.models.columns import (
+    Arch,
+    ColumnAlexNet,
+    Exchange,
+    canonical_init,
+    min_image_size,
+)
 from alexnet_mp.models.d2l import d2l_alexnet
-from alexnet_mp.parallel.exchange import ColumnExchange, Meter
-from alexnet_mp.parallel.layout import Layout
 
-__all__ = ["build_model", "model_family", "ColumnAlexNet", "Arch"]
+__all__ = ["build_model", "model_family", "ColumnAlexNet", "Arch", "dropout_seed"]
+
+# Replica r draws its dropout masks from seed + 1 + r * REPLICA_STRIDE: replica 0 keeps the
+# single-device stream, and the others stay far from every seed a user is likely to try.
+REPLICA_STRIDE = 1_000_003
 
 
 def model_family(name: str) -> str:
@@ -39,15 +52,28 @@ def resolve_init(cfg: ModelConfig) -> str:
     return "xavier_relu" if cfg.name == "alexnet_d2l" else "kaiming"
 
 
+def require_image_size(cfg: ModelConfig, image_size: int) -> None:
+    """The columns' net needs at least one pixel left after its last pool."""
+    if image_size < min_image_size():
+        raise UserError(f"data.image_size={image_size} is too small for {cfg.name}; use at least "
+                        f"{min_image_size()} (227 is the paper's input)")
+
+
 def arch_of(cfg: ModelConfig, image_size: int) -> Arch:
     return Arch(cfg.num_classes, cfg.in_channels, image_size, cfg.width, cfg.dropout)
 
 
+def dropout_seed(seed: int, replica: int = 0) -> int:
+    """The dropout generator's seed: the same for every column of a replica (they must drop the
+    same neurons), different between replicas (their batches differ, so must their masks)."""
+    return seed + 1 + replica * REPLICA_STRIDE
+
+
 def materialize(make: Callable[[torch.Generator], nn.Module], cfg: ModelConfig, image_size: int,
-                device: torch.device, seed: int) -> nn.Module:
+                device: torch.device, seed: int, replica: int = 0) -> nn.Module:
     """``make(dropout generator)`` built on the meta device, then only its own rows allocated and
     drawn from the canonical initialisation, so no throw-away full-width tensor ever exists."""
-    generator = torch.Generator(device=device).manual_seed(seed + 1)
+    generator = torch.Generator(device=device).manual_seed(dropout_seed(seed, replica))
     with torch.device("meta"):
         model = make(generator)
     model = model.to_empty(device=device)
@@ -56,14 +82,23 @@ def materialize(make: Callable[[torch.Generator], nn.Module], cfg: ModelConfig, 
     return model
 
 
-def build_model(cfg: ModelConfig, image_size: int, layout: Layout, seed: int,
-                meter: Meter | None = None) -> nn.Module:
-    """The model on ``layout.device``, initialised from ``seed`` the same way in every layout.
+def build_model(cfg: ModelConfig, image_size: int, place: Any, seed: int, *,
+                exchange: Exchange | None = None, replica: int = 0) -> nn.Module:
+    """The model on ``place`` (a device, or anything with ``.device``), initialised from ``seed``
+    the same way in every layout: the whole model, or with ``exchange`` the column
+    ``exchange.column``. ``replica`` picks the dropout stream (see :func:`dropout_seed`).
 
-    ``meter`` (the benchmark's) times the column exchanges and counts their bytes.
+    A multi-rank layout needs its exchange and gradient sync: build it with
+    ``alexnet_mp.parallel.build.build_model``.
     """
+    if getattr(place, "world_size", 1) > 1:
+        raise TypeError("a layout of several ranks is built by alexnet_mp.parallel.build."
+                        "build_model, which hands the model its exchange and gradient sync")
+    device = torch.device(getattr(place, "device", place))
     init = resolve_init(cfg)
     if cfg.name == "alexnet_d2l":
+        if exchange is not None:
+            raise ValueError("alexnet_d2l has no columns to exchange")
         torch.manual_seed(seed)
         try:
             model = d2l_alexnet(cfg.num_classes, cfg.in_channels, image_size, cfg.dropout)
@@ -80,15 +115,14 @@ def build_model(cfg: ModelConfig, image_size: int, layout: Layout, seed: int,
                 else:
                     nn.init.normal_(m.weight, 0.0, 0.01)
                 nn.init.zeros_(m.bias)
-        return model.to(layout.device)
+        if replica:
+            # nn.Dropout draws from the global generator; after the shared initialisation each
+            # replica moves to its own stream so that replicas do not drop the same neurons.
+            torch.manual_seed(dropout_seed(seed, replica))
+        return model.to(device)
 
-    if image_size < min_image_size():
-        raise UserError(f"data.image_size={image_size} is too small for {cfg.name}; use at least "
-                        f"{min_image_size()} (227 is the paper's input)")
-    exchange = None
-    if layout.column is not None:
-        overlap = cfg.overlap if cfg.overlap is not None else layout.device.type == "cuda"
-        exchange = ColumnExchange(layout.column, layout.columns, layout.group, overlap, meter)
+    require_image_size(cfg, image_size)
     arch = arch_of(cfg, image_size)
-    return materialize(lambda g: ColumnAlexNet(arch, layout.column, exchange, g), cfg,
-                       image_size, layout.device, seed)
+    column = None if exchange is None else exchange.column
+    return materialize(lambda g: ColumnAlexNet(arch, column, exchange, g), cfg, image_size,
+                       device, seed, replica)

@@ -4,19 +4,20 @@ One module serves both layouts. Its parameters carry the grouped form's names, a
 parameter is the grouped one's rows ``slices[name]`` (every layer splits along its output
 dimension), so the canonical state is the grouped ``state_dict`` whatever the layout.
 The exchange object decides whether a layer that reads both columns gathers over the network
-(:class:`ColumnExchange`) or has them at hand (:class:`LocalMixing`).
+(``alexnet_mp.parallel.exchange.ColumnExchange``, handed in by the parallel layer) or has them at
+hand (:class:`LocalMixing`). This module never reaches for a process group itself.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from alexnet_mp.parallel.exchange import ColumnExchange, LocalMixing
 
 COLUMNS = 2
 # Per column, as in the paper: conv1..conv5 kernels, then fc6/fc7 neurons.
@@ -45,8 +46,37 @@ class Arch:
     @property
     def class_split(self) -> list[int]:
         """fc8 neurons per column: the first column takes the odd one out."""
-        first = math.ceil(self.num_classes / COLUMNS)
-        return [first, self.num_classes - first]
+        return even_split(self.num_classes, COLUMNS)
+
+
+def even_split(total: int, parts: int) -> list[int]:
+    """``total`` rows over ``parts`` holders, the first ones taking one more where it is uneven
+    (for two parts that is the paper's fc8 split: the first column takes the odd class)."""
+    return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
+
+
+class Exchange(Protocol):
+    """What the model asks of the exchange it is handed: ``column`` of ``columns``."""
+
+    column: int
+    columns: int
+
+    def into(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor: ...
+
+    def logits(self, x: torch.Tensor, sizes: list[int]) -> torch.Tensor: ...
+
+
+class LocalMixing:
+    """The grouped single-device form: every column is here, so nothing moves."""
+
+    column = 0
+    columns = 1
+
+    def into(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return layer(x)
+
+    def logits(self, x: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+        return x
 
 
 def sides(image_size: int) -> tuple[int, int, int, int]:
@@ -111,11 +141,37 @@ class ColumnDropout(nn.Module):
         return x * mask / (1 - self.p)
 
 
+def conv_layers(arch: Arch, n: int) -> dict[str, nn.Module]:
+    """conv1–conv5 with their LRN and pool, for ``n`` columns held (2: the grouped form)."""
+    c1, c2, c3, c4, c5, _ = arch.per_column
+    # A layer that reads only its own column is a grouped convolution in the grouped form.
+    return {
+        "conv1": nn.Conv2d(arch.in_channels, n * c1, 11, stride=4),
+        "conv2": nn.Conv2d(n * c1, n * c2, 5, padding=2, groups=n),
+        "conv3": nn.Conv2d(COLUMNS * c2, n * c3, 3, padding=1),
+        "conv4": nn.Conv2d(n * c3, n * c4, 3, padding=1, groups=n),
+        "conv5": nn.Conv2d(n * c4, n * c5, 3, padding=1, groups=n),
+        "lrn": ColumnLRN(n),
+        "pool": nn.MaxPool2d(3, stride=2),
+    }
+
+
+def conv_features(m: nn.Module, x: torch.Tensor,
+                  into: Callable[[nn.Module, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """The flattened conv5 maps of a module holding :func:`conv_layers`; ``into`` feeds conv3,
+    the one convolution that reads both columns (X1)."""
+    x = m.pool(m.lrn(F.relu(m.conv1(x))))
+    x = m.pool(m.lrn(F.relu(m.conv2(x))))
+    x = F.relu(into(m.conv3, x))
+    x = F.relu(m.conv4(x))
+    return m.pool(F.relu(m.conv5(x))).flatten(1)
+
+
 class ColumnAlexNet(nn.Module):
     """Both columns (``column=None``: grouped form) or one of them (``column=0`` or ``1``)."""
 
     def __init__(self, arch: Arch, column: int | None = None,
-                 exchange: ColumnExchange | None = None,
+                 exchange: Exchange | None = None,
                  generator: torch.Generator | None = None) -> None:
         super().__init__()
         if trunk_size(arch.image_size) < 1:
@@ -129,18 +185,11 @@ class ColumnAlexNet(nn.Module):
         side = trunk_size(arch.image_size)
         split = arch.class_split
         own_classes = arch.num_classes if column is None else split[column]
-        groups = n  # a layer that reads only its own column is a grouped conv in grouped form
-
-        self.conv1 = nn.Conv2d(arch.in_channels, n * c1, 11, stride=4)
-        self.conv2 = nn.Conv2d(n * c1, n * c2, 5, padding=2, groups=groups)
-        self.conv3 = nn.Conv2d(COLUMNS * c2, n * c3, 3, padding=1)
-        self.conv4 = nn.Conv2d(n * c3, n * c4, 3, padding=1, groups=groups)
-        self.conv5 = nn.Conv2d(n * c4, n * c5, 3, padding=1, groups=groups)
+        for name, module in conv_layers(arch, n).items():
+            setattr(self, name, module)
         self.fc6 = nn.Linear(COLUMNS * c5 * side * side, n * f)
         self.fc7 = nn.Linear(COLUMNS * f, n * f)
         self.fc8 = nn.Linear(COLUMNS * f, own_classes)
-        self.lrn = ColumnLRN(n)
-        self.pool = nn.MaxPool2d(3, stride=2)
         own_f = slice(0, COLUMNS * f) if column is None else slice(column * f, (column + 1) * f)
         self.drop6 = ColumnDropout(arch.dropout, COLUMNS * f, own_f, self.generator)
         self.drop7 = ColumnDropout(arch.dropout, COLUMNS * f, own_f, self.generator)
@@ -164,12 +213,8 @@ class ColumnAlexNet(nn.Module):
         return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.pool(self.lrn(F.relu(self.conv1(x))))
-        x = self.pool(self.lrn(F.relu(self.conv2(x))))
-        x = F.relu(self.exchange.into(self.conv3, x))  # X1
-        x = F.relu(self.conv4(x))
-        x = self.pool(F.relu(self.conv5(x)))
-        x = self.drop6(F.relu(self.exchange.into(self.fc6, x.flatten(1))))  # X2
+        x = conv_features(self, x, self.exchange.into)  # X1 inside
+        x = self.drop6(F.relu(self.exchange.into(self.fc6, x)))  # X2
         x = self.drop7(F.relu(self.exchange.into(self.fc7, x)))  # X3
         x = self.exchange.into(self.fc8, x)  # X4
         return self.exchange.logits(x, self.row_split["fc8"])  # X5

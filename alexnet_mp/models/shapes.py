@@ -7,12 +7,11 @@ from torch import nn
 
 from alexnet_mp.config import ModelConfig
 from alexnet_mp.models import build_model
-from alexnet_mp.parallel.layout import Layout
 
 
 def layer_shapes(cfg: ModelConfig, image_size: int) -> list[tuple[str, tuple[int, ...]]]:
     """(layer, output shape) in call order; the columns model is shown in its grouped form."""
-    model = build_model(cfg, image_size, Layout(), seed=0).eval()
+    model = build_model(cfg, image_size, torch.device("cpu"), seed=0).eval()
     rows: list[tuple[str, tuple[int, ...]]] = []
     hooks = []
     leaves = list(model.named_children())

@@ -1,30 +1,44 @@
-"""The differentiable exchanges X1–X5 between the two columns (DESIGN §3).
+"""The differentiable exchanges X1–X5 between columns (DESIGN §3), on torch's collectives.
 
-X1–X4 feed a layer that reads both columns. Each rank's slice of the gathered input is used by
-*different* computations on every rank, so its gradient is the sum over ranks (reduce-scatter),
-which is what ``torch.distributed.nn.functional.all_gather`` does; that function is deprecated
-in torch 2.14 and cannot leave the gather in flight, so :class:`_StartGather` does the same with
-an async all-gather into one tensor and a reduce-scatter backward. X5 gathers the logits, which
-feed the *same* loss on every rank; summing there would multiply every gradient by the number
-of columns, so its backward keeps the rank's own slice alone.
+X1–X4 feed a layer that reads every column. Each rank's slice of the gathered input is used by
+*different* computations on every rank, so its gradient is the sum over ranks: a reduce-scatter.
+torch's differentiable functional all-gather (``_functional_collectives``) has exactly that
+backward, and in eager mode it returns a tensor whose wait is deferred, which is what the overlap
+path needs: the column applies its own half of the weights while the other halves are in flight.
+The same gather moves the hybrid layout's trunk features along the batch dimension.
 
-The grouped single-device form uses :class:`LocalMixing`, which does the same maths with no
-communication, so the model's forward is written once for both layouts.
+X5 gathers the logits, which feed the *same* loss on every rank; summing there would multiply
+every gradient by the number of columns, so its backward keeps the rank's own slice and nothing
+else. torch has no collective with that backward: the functional all-gather always
+reduce-scatters, and ``torch.distributed.nn.functional`` (deprecated) likewise sums. DTensor
+expresses it (a ``Shard -> Replicate`` redistribute whose gradient comes back ``Replicate`` and is
+cut locally), but DTensor cannot shard a convolution by output channels into grouped halves, and
+the columns' fc8 halves are uneven for an odd class count, so X5 stays a small autograd function.
+
+Every collective our code starts or waits on runs inside :func:`alexnet_mp.errors.peer_errors`,
+so a dead or stalled peer surfaces as :class:`~alexnet_mp.errors.PeerLostError`. The backward
+collectives run inside autograd (torch's reduce-scatter): the caller wraps ``backward()``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
 from torch import nn
 
-# torch 2.14 renamed the tensor collectives; older releases have only the former names.
-_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+from alexnet_mp.errors import peer_errors
+
+# torch 2.14 made the plain name differentiable and deprecated the *_tensor_autograd spelling;
+# older releases have only the latter.
+_all_gather = getattr(funcol, "all_gather_single_autograd", None) or \
+    funcol.all_gather_tensor_autograd
+_all_gather_into = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
 class Meter:
@@ -39,18 +53,24 @@ class Meter:
         self.seconds = 0.0
         self.bytes = 0
 
-    @contextlib.contextmanager
-    def timed(self, received: int = 0):
+    def start(self) -> float:
         if self.sync:
             torch.cuda.synchronize()
-        start = time.perf_counter()
+        return time.perf_counter()
+
+    def stop(self, started: float, received: int = 0) -> None:
+        if self.sync:
+            torch.cuda.synchronize()
+        self.seconds += time.perf_counter() - started
+        self.bytes += received
+
+    @contextlib.contextmanager
+    def timed(self, received: int = 0) -> Iterator[None]:
+        started = self.start()
         try:
             yield
         finally:
-            if self.sync:
-                torch.cuda.synchronize()
-            self.seconds += time.perf_counter() - start
-            self.bytes += received
+            self.stop(started, received)
 
 
 def _timed(meter: Meter | None, received: int = 0):
@@ -61,11 +81,66 @@ def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-def _apply(layer: nn.Module, x: torch.Tensor, weight: torch.Tensor,
-           bias: torch.Tensor | None) -> torch.Tensor:
-    if isinstance(layer, nn.Conv2d):
-        return F.conv2d(x, weight, bias, layer.stride, layer.padding, layer.dilation)
-    return F.linear(x, weight, bias)
+def _group(group: dist.ProcessGroup | None) -> dist.ProcessGroup:
+    # The functional collectives want a group object; None means the default group, as in dist.*
+    return group if group is not None else dist.group.WORLD
+
+
+def _meter_backward(gathered: torch.Tensor, meter: Meter, received: int) -> None:
+    """Time and count the reduce-scatter that torch runs in the gather's backward.
+
+    Hooks on the gather's own autograd node bracket exactly that collective; a hook on a tensor
+    would also time whatever backward work autograd happens to schedule in between.
+    """
+    node, seen = gathered.grad_fn, 0
+    while node is not None and "all_gather" not in type(node).__name__ and seen < 4:
+        node = node.next_functions[0][0] if node.next_functions else None
+        seen += 1
+    if node is None or "all_gather" not in type(node).__name__:
+        gathered.register_hook(lambda g: meter.stop(meter.start(), received))
+        return
+    started: list[float] = []
+    node.register_prehook(lambda grads: started.append(meter.start()))
+    node.register_hook(lambda grads_in, grads_out: meter.stop(started.pop(), received))
+
+
+def start_gather(x: torch.Tensor, group: dist.ProcessGroup | None = None,
+                 meter: Meter | None = None) -> torch.Tensor:
+    """Start an all-gather of ``x`` along dim 0 (rank order); finish it with :func:`finish`.
+
+    Differentiable: each rank's rows get the sum over ranks of their gradients (reduce-scatter).
+    """
+    group = _group(group)
+    received = (group.size() - 1) * _nbytes(x)
+    with peer_errors("an exchange (all-gather)"), _timed(meter, received):
+        out = _all_gather(x.contiguous(), 0, group)
+    if meter is not None and out.requires_grad:
+        _meter_backward(out, meter, received)
+    return out
+
+
+def finish(pending: torch.Tensor, meter: Meter | None = None) -> torch.Tensor:
+    """Wait for a gather from :func:`start_gather` (a no-op if it has finished)."""
+    with peer_errors("an exchange (all-gather)"), _timed(meter):  # only the wait compute left
+        return funcol.wait_tensor(pending)
+
+
+def gather_batch(x: torch.Tensor, group: dist.ProcessGroup | None = None,
+                 meter: Meter | None = None) -> torch.Tensor:
+    """All-gather along dim 0 (rank order); each rank's rows get the sum of all ranks' grads.
+
+    Every rank must hold the same number of rows.
+    """
+    return finish(start_gather(x, group, meter), meter)
+
+
+def gather_labels(y: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """Every rank's labels, in rank order (no gradient): the targets of a gathered batch."""
+    group = _group(group)
+    out = y.new_empty((group.size() * y.shape[0], *y.shape[1:]))
+    with peer_errors("gathering the labels"):
+        _all_gather_into(out, y.contiguous(), group=group)
+    return out
 
 
 def _padded_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
@@ -77,11 +152,14 @@ def _padded_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
 
 def gather_rows(t: torch.Tensor, sizes: list[int], group: dist.ProcessGroup | None = None,
                 meter: Meter | None = None) -> torch.Tensor:
-    """All-gather ``t`` along dim 0 where rank i holds ``sizes[i]`` rows (sizes may differ)."""
+    """All-gather ``t`` along dim 0 where rank i holds ``sizes[i]`` rows (sizes may differ).
+
+    Not differentiable; the checkpoint's gathers and X5's forward use it.
+    """
     rows = max(sizes)
     padded = _padded_rows(t, rows)
     parts = [t.new_empty((rows, *t.shape[1:])) for _ in sizes]
-    with _timed(meter, (len(sizes) - 1) * _nbytes(padded)):
+    with peer_errors("gathering rows"), _timed(meter, (len(sizes) - 1) * _nbytes(padded)):
         dist.all_gather(parts, padded, group=group)
     return torch.cat([p[:n] for p, n in zip(parts, sizes)])
 
@@ -102,40 +180,18 @@ class _GatherOwnGrad(torch.autograd.Function):
         return grad[:, ctx.start:ctx.stop].contiguous(), None, None, None, None
 
 
-class _StartGather(torch.autograd.Function):
-    """Starts an async all-gather of ``x``; backward sums each slice's gradient over ranks."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, group: dist.ProcessGroup | None, box: list,
-                meter: Meter | None) -> torch.Tensor:
-        ctx.group, ctx.meter = group, meter
-        world = dist.get_world_size(group)
-        out = x.new_empty((world * x.shape[0], *x.shape[1:]))
-        with _timed(meter, (world - 1) * _nbytes(x)):
-            box.append(_all_gather_single(out, x.contiguous(), group=group, async_op=True))
-        return out  # rows [c*N, (c+1)*N) are column c's; read them only after wait()
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        world = dist.get_world_size(ctx.group)
-        out = grad.new_empty((grad.shape[0] // world, *grad.shape[1:]))
-        with _timed(ctx.meter, (world - 1) * _nbytes(out)):
-            _reduce_scatter_single(out, grad.contiguous(), group=ctx.group)
-        return out, None, None, None
-
-
-def gather_batch(x: torch.Tensor, group: dist.ProcessGroup | None = None,
-                 meter: Meter | None = None) -> torch.Tensor:
-    """All-gather along dim 0 (rank order); each rank's rows get the sum of all ranks' grads."""
-    box: list = []
-    out = _StartGather.apply(x, group, box, meter)
-    with _timed(meter):
-        box[0].wait()
-    return out
+def _apply(layer: nn.Module, x: torch.Tensor, weight: torch.Tensor,
+           bias: torch.Tensor | None) -> torch.Tensor:
+    if isinstance(layer, nn.Conv2d):
+        return F.conv2d(x, weight, bias, layer.stride, layer.padding, layer.dilation)
+    return F.linear(x, weight, bias)
 
 
 class ColumnExchange:
-    """Rank ``column`` of ``columns`` holds one column; gathers run over ``group``."""
+    """Rank ``column`` of ``columns`` holds one column; gathers run over ``group``.
+
+    ``into`` needs every column to hold the same number of input channels (or features).
+    """
 
     def __init__(self, column: int, columns: int, group: dist.ProcessGroup | None = None,
                  overlap: bool = True, meter: Meter | None = None) -> None:
@@ -151,34 +207,22 @@ class ColumnExchange:
         if not self.overlap:
             gathered = gather_batch(x, self.group, self.meter)
             return layer(torch.cat(gathered.split(n), dim=1))
-        box: list = []
-        gathered = _StartGather.apply(x, self.group, box, self.meter)
-        # The layer is linear in its input channels: convolve our own half while the others'
-        # halves are in flight, then add their contributions as they arrive.
+        pending = start_gather(x, self.group, self.meter)
+        # The layer is linear in its input channels: apply our own half of the weights while
+        # the other halves are in flight, then add their contributions when they arrive.
         own = slice(self.column * width, (self.column + 1) * width)
         y = _apply(layer, x, layer.weight[:, own], layer.bias)
-        with _timed(self.meter):  # only the wait that compute did not hide
-            box[0].wait()
+        gathered = finish(pending, self.meter)
         for c in range(self.columns):
             if c != self.column:
                 part = layer.weight[:, c * width:(c + 1) * width]
-                rows = gathered[c * n:(c + 1) * n]
-                y = y + _apply(layer, rows, part, None)
+                y = y + _apply(layer, gathered[c * n:(c + 1) * n], part, None)
         return y
 
     def logits(self, x: torch.Tensor, sizes: list[int]) -> torch.Tensor:
         """X5: every rank gets the full logits; gradients flow back to the owner's slice only."""
         return _GatherOwnGrad.apply(x, sizes, self.column, self.group, self.meter)
 
-
-class LocalMixing:
-    """The grouped single-device form: every column is here, so nothing moves."""
-
-    column = 0
-    columns = 1
-
-    def into(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        return layer(x)
-
-    def logits(self, x: torch.Tensor, sizes: list[int]) -> torch.Tensor:
-        return x
+    def gather_batch(self, x: torch.Tensor) -> torch.Tensor:
+        """The hybrid layout's trunk features: every rank's share of the batch, in rank order."""
+        return gather_batch(x, self.group, self.meter)

@@ -1,5 +1,14 @@
-"""One object answers "which rank, which column, which device, which group" (STYLE.md §1).
+"""One object answers "which rank, which column, which replica, which device, which group".
 
+The ranks form a 2-D mesh with named dimensions (``replica``, ``column``): rank
+``replica * columns + column``, so that the ranks of one replica, which exchange activations
+every layer, are neighbours (the same node under torchrun). Exchanges run on the column group,
+gradient averaging on the replica group, the per-step guard on a group over the whole world.
+Those three carry ``timeout_s``; the default group, used for startup agreement and for waiting
+while rank 0 writes a checkpoint, carries ``save_timeout_s``, since a large checkpoint on a slow
+disk takes far longer than any training step.
+
+Every setting is checked in one place, :func:`parallel_dims`, before any process group exists.
 The launcher reads torchrun's environment and passes the numbers in; nothing here reads it.
 """
 
@@ -11,11 +20,82 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.rendezvous import rendezvous
 
-from alexnet_mp.errors import UserError
+from alexnet_mp.errors import UserError, peer_errors
+from alexnet_mp.parallel.exchange import gather_labels
 
 SPLITTABLE = ("alexnet_columns",)
+LAYOUTS = ("columns", "hybrid")
+MESH_DIMS = ("replica", "column")
+
+
+@dataclass(frozen=True)
+class ParallelDims:
+    """How the world is cut, validated (after torchtitan's ``ParallelDims``)."""
+
+    world_size: int = 1
+    columns: int = 1  # ranks sharing one replica's model: 2 for the paper's columns
+    layout: str = "columns"  # or "hybrid": trunk data-parallel, FC rows split over every rank
+
+    @property
+    def replicas(self) -> int:
+        return self.world_size // self.columns
+
+    @property
+    def data_shards(self) -> int:
+        """Into how many different shares each global batch is cut."""
+        return self.world_size if self.layout == "hybrid" else self.replicas
+
+
+def parallel_dims(model_name: str, world_size: int, *, columns: int | None = None,
+                  layout: str = "columns", device: torch.device | None = None,
+                  local_world_size: int = 1) -> ParallelDims:
+    """The one check of every parallel setting; a problem is one line naming what to change.
+
+    ``columns`` None means automatic: the paper's two columns for alexnet_columns on more than
+    one rank, the whole model on every rank otherwise. ``layout="hybrid"`` splits the FC layers
+    over all ranks and replicates the convolution trunk on each.
+    """
+    device = device if device is not None else torch.device("cpu")
+    if layout not in LAYOUTS:
+        raise UserError(f"parallel.layout={layout} is unknown; choose one of: "
+                        f"{', '.join(LAYOUTS)}")
+    if columns is not None and columns not in (1, 2):
+        raise UserError(f"parallel.columns={columns} is not supported: a replica holds the model "
+                        "whole (1) or as the paper's two columns (2); set parallel.columns=1 or 2")
+    if device.type == "mps" and world_size > 1:
+        raise UserError("MPS runs one process only; use --nproc_per_node=1 or run.device=cpu")
+    if device.type == "cuda" and local_world_size > torch.cuda.device_count():
+        raise UserError(f"{local_world_size} ranks on this node but only "
+                        f"{torch.cuda.device_count()} CUDA device(s); lower --nproc_per_node or "
+                        "set run.device=cpu")
+    if layout == "hybrid":
+        if world_size < 2:
+            raise UserError("parallel.layout=hybrid splits the FC layers over several ranks, but "
+                            "this is 1 rank; run torchrun --nproc_per_node=2 (or more) or set "
+                            "parallel.layout=columns")
+        if model_name not in SPLITTABLE:
+            raise UserError(f"parallel.layout=hybrid needs model.name=alexnet_columns (the "
+                            f"paper's net), not {model_name}; set model.name=alexnet_columns or "
+                            "parallel.layout=columns")
+        if columns is not None:
+            raise UserError(f"parallel.columns={columns} does not apply to parallel.layout=hybrid, "
+                            "which splits the FC layers over all ranks; remove parallel.columns "
+                            "(set it to null)")
+        return ParallelDims(world_size, world_size, "hybrid")
+    if columns is None:
+        columns = 2 if model_name in SPLITTABLE and world_size > 1 else 1
+    if columns == 2 and model_name not in SPLITTABLE:
+        raise UserError(f"model.name={model_name} cannot be split into columns; set "
+                        "parallel.columns=1 (the whole model on every rank, data parallel) or "
+                        "model.name=alexnet_columns")
+    if world_size % columns:
+        raise UserError(f"{world_size} rank(s) cannot hold two columns per replica; run an even "
+                        "number of ranks (torchrun --nproc_per_node=2, 4, ...) or set "
+                        "parallel.columns=1 (data parallel only)")
+    return ParallelDims(world_size, columns, "columns")
 
 
 @dataclass
@@ -25,9 +105,25 @@ class Layout:
     local_rank: int = 0
     local_world_size: int = 1
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    layout: str = "columns"  # parallel.layout
+    columns: int = 1  # ranks per replica, one column each (hybrid: every rank, FC rows split)
     column: int | None = None  # None: the whole model lives here
-    columns: int = 1
-    group: dist.ProcessGroup | None = None
+    replicas: int = 1
+    replica: int = 0
+    mesh: DeviceMesh | None = None  # ("replica", "column"); None on one process
+    column_group: dist.ProcessGroup | None = None  # exchanges (hybrid: also the trunk's grads)
+    replica_group: dist.ProcessGroup | None = None  # averaging gradients between replicas
+    step_group: dist.ProcessGroup | None = None  # the per-step guard over the whole world
+
+    @property
+    def group(self) -> dist.ProcessGroup | None:
+        """The column group, under the name the checkpoint gathers have always used."""
+        return self.column_group
+
+    @property
+    def world(self) -> dist.ProcessGroup | None:
+        """The default group (``save_timeout_s``): startup agreement and checkpoint waits."""
+        return dist.group.WORLD if self.distributed else None
 
     @property
     def is_main(self) -> bool:
@@ -38,8 +134,44 @@ class Layout:
         return self.world_size > 1
 
     @property
+    def dims(self) -> ParallelDims:
+        return ParallelDims(self.world_size, self.columns, self.layout)
+
+    @property
+    def data_shards(self) -> int:
+        """How many different shares of each global batch the ranks take (1: all the same)."""
+        return self.dims.data_shards
+
+    @property
+    def data_shard(self) -> int:
+        """Which share this rank takes: its replica's, or (hybrid) its own."""
+        return self.rank if self.layout == "hybrid" else self.replica
+
+    @property
     def name(self) -> str:
-        return "column split" if self.column is not None else "single device"
+        if self.layout == "hybrid":
+            return f"hybrid over {self.world_size} ranks"
+        if self.column is None:
+            return ("single device" if self.replicas == 1
+                    else f"data parallel, {self.replicas} replicas")
+        if self.replicas == 1:
+            return "column split"
+        return f"{self.columns} columns x {self.replicas} replicas"
+
+    def local_batch(self, global_batch: int) -> int:
+        """This rank's share of a global batch of ``global_batch`` examples."""
+        shards = self.data_shards
+        if global_batch % shards:
+            raise UserError(f"train.batch_size={global_batch} does not divide over {shards} "
+                            f"data shares ({self.name}); use a multiple of {shards}")
+        return global_batch // shards
+
+    def loss_targets(self, y: torch.Tensor) -> torch.Tensor:
+        """The labels that go with the model's logits: in the hybrid layout the model returns the
+        whole batch's logits from every rank's share, so the labels are gathered likewise."""
+        if self.layout != "hybrid" or not self.distributed:
+            return y
+        return gather_labels(y, self.column_group)
 
     def agree(self, error: UserError | None) -> None:
         """Every rank calls this; if any rank failed, all raise the first failing rank's error.
@@ -51,14 +183,17 @@ class Layout:
                 raise error
             return
         messages: list[str | None] = [None] * self.world_size
-        dist.all_gather_object(messages, None if error is None else str(error))
+        with peer_errors("agreeing at startup"):
+            dist.all_gather_object(messages, None if error is None else str(error))
         for rank, message in enumerate(messages):
             if message is not None:
                 raise UserError(message if rank == self.rank else f"rank {rank}: {message}")
 
     def barrier(self) -> None:
+        """Wait for every rank on the default group (``save_timeout_s``)."""
         if self.distributed:
-            dist.barrier()
+            with peer_errors("waiting for the other ranks"):
+                dist.barrier()
 
     def close(self) -> None:
         if dist.is_initialized():
@@ -79,40 +214,61 @@ def pick_device(preference: str, local_rank: int) -> torch.device:
 
 def setup_layout(model_name: str, *, rank: int = 0, world_size: int = 1, local_rank: int = 0,
                  local_world_size: int = 1, device: str = "auto", threads: int | None = None,
-                 timeout_s: float = 600.0, attempt: int = 0) -> Layout:
-    """Check that the model fits the world size, pick the device and start the process group.
+                 timeout_s: float = 600.0, save_timeout_s: float = 1800.0, attempt: int = 0,
+                 columns: int | None = None, layout: str = "columns") -> Layout:
+    """Check the settings against the world size, pick the device, start the process groups.
 
     ``attempt`` is torchrun's restart count: each attempt's group keys live under their own
     prefix in the rendezvous store, which outlives a restart, so that a restarted rank never
     reads the address of the worker it replaces.
     """
-    if world_size not in (1, 2):
-        raise UserError(f"world size {world_size} is not supported: run 1 rank (one device) or "
-                        "2 ranks (one column each), e.g. torchrun --nproc_per_node=2")
-    if world_size == 2 and model_name not in SPLITTABLE:
-        raise UserError(f"model.name={model_name} runs on one device and cannot be split over 2 "
-                        "ranks; use model.name=alexnet_columns or --nproc_per_node=1")
     dev = pick_device(device, local_rank)
-    if dev.type == "mps" and world_size > 1:
-        raise UserError("MPS runs one process only; use --nproc_per_node=1 or run.device=cpu")
+    dims = parallel_dims(model_name, world_size, columns=columns, layout=layout, device=dev,
+                         local_world_size=local_world_size)
     if dev.type == "cuda":
-        if local_world_size > torch.cuda.device_count():
-            raise UserError(f"{local_world_size} ranks on this node but only "
-                            f"{torch.cuda.device_count()} CUDA device(s); lower --nproc_per_node "
-                            "or set run.device=cpu")
         torch.cuda.set_device(dev)
     else:
         # Ranks sharing a CPU must not oversubscribe its cores, or they fight and both slow down.
         torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // local_world_size))
-    layout = Layout(rank=rank, world_size=world_size, local_rank=local_rank,
-                    local_world_size=local_world_size, device=dev)
-    if world_size > 1:
-        backend = "nccl" if dev.type == "cuda" else "gloo"
-        timeout = datetime.timedelta(seconds=timeout_s)
-        store, _, _ = next(rendezvous("env://", rank=rank, world_size=world_size,
-                                      timeout=timeout))
-        dist.init_process_group(backend, store=dist.PrefixStore(f"alexnet_mp/{attempt}", store),
-                                rank=rank, world_size=world_size, timeout=timeout,
-                                device_id=dev if dev.type == "cuda" else None)
-        layout.column, layout.columns, layout.group = rank, world_size, dist.group.WORLD
-    return layout
+    if world_size == 1:
+        return Layout(device=dev, layout=dims.layout)
+    backend = "nccl" if dev.type == "cuda" else "gloo"
+    save_timeout = datetime.timedelta(seconds=save_timeout_s)
+    store, _, _ = next(rendezvous("env://", rank=rank, world_size=world_size,
+                                  timeout=save_timeout))
+    dist.init_process_group(backend, store=dist.PrefixStore(f"alexnet_mp/{attempt}", store),
+                            rank=rank, world_size=world_size, timeout=save_timeout,
+                            device_id=dev if dev.type == "cuda" else None)
+    return mesh_layout(dims, device=dev, timeout_s=timeout_s, local_rank=local_rank,
+                       local_world_size=local_world_size)
+
+
+def mesh_layout(dims: ParallelDims, *, device: torch.device, timeout_s: float,
+                local_rank: int = 0, local_world_size: int = 1) -> Layout:
+    """The layout of ``dims`` on the default group, which must already be started.
+
+    Creates the column, replica and step groups with ``timeout_s`` (every rank creates every
+    group, as torch requires) and names them as a 2-D DeviceMesh.
+    """
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if world != dims.world_size:
+        raise ValueError(f"the default group has {world} ranks, the layout {dims.world_size}")
+    columns, replicas = dims.columns, dims.replicas
+    timeout = datetime.timedelta(seconds=timeout_s)
+    with peer_errors("creating the process groups"):
+        column_group, _ = dist.new_subgroups_by_enumeration(
+            [list(range(r * columns, (r + 1) * columns)) for r in range(replicas)],
+            timeout=timeout)
+        replica_group, _ = dist.new_subgroups_by_enumeration(
+            [list(range(c, world, columns)) for c in range(columns)], timeout=timeout)
+        step_group = dist.new_group(list(range(world)), timeout=timeout)
+    mesh = DeviceMesh.from_group([replica_group, column_group], device.type,
+                                 mesh=torch.arange(world).view(replicas, columns),
+                                 mesh_dim_names=MESH_DIMS)
+    replica, column = mesh.get_local_rank("replica"), mesh.get_local_rank("column")
+    whole = dims.layout == "columns" and columns == 1
+    return Layout(rank=rank, world_size=world, local_rank=local_rank,
+                  local_world_size=local_world_size, device=device, layout=dims.layout,
+                  columns=columns, column=None if whole else column, replicas=replicas,
+                  replica=replica, mesh=mesh, column_group=column_group,
+                  replica_group=replica_group, step_group=step_group)
