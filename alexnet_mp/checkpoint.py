@@ -7,7 +7,10 @@ carry a SHA-256 of their contents, and are read with ``weights_only=True`` only.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
+import math
 import os
 import re
 import shutil
@@ -21,12 +24,18 @@ from alexnet_mp.errors import UserError
 from alexnet_mp.parallel.exchange import gather_rows
 from alexnet_mp.parallel.layout import Layout
 
-FORMAT = "alexnet_mp/1"
+FORMAT = "alexnet_mp/2"
+# Format 1 held the momentum buffers alone, not the learning rate: still readable (see restore).
+READABLE = ("alexnet_mp/1", FORMAT)
 STEP_FILE = re.compile(r"^step-(\d{8})\.pt$")
 
 
 class CheckpointError(UserError):
     """A checkpoint that cannot be used: corrupt, foreign or unsafe."""
+
+
+class SaveError(UserError):
+    """A checkpoint could not be written; the earlier ones are untouched."""
 
 
 def _row_slices(model: nn.Module) -> dict[str, slice]:
@@ -56,12 +65,60 @@ def model_state(model: nn.Module, layout: Layout) -> dict[str, torch.Tensor]:
     return _canonical(model, dict(model.named_parameters()), layout)
 
 
-def momentum_state(model: nn.Module, optimizer: torch.optim.Optimizer, layout: Layout
-                   ) -> dict[str, torch.Tensor]:
-    buffers = {name: optimizer.state[p]["momentum_buffer"]
-               for name, p in model.named_parameters()
-               if optimizer.state.get(p, {}).get("momentum_buffer") is not None}
-    return _canonical(model, buffers, layout)
+def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, layout: Layout
+                    ) -> dict[str, Any]:
+    """The whole optimizer state in canonical form: param groups (learning rate, momentum, ...)
+    with parameters named instead of numbered, and per-parameter tensors as whole tensors.
+
+    ``optimizer.state_dict()`` numbers parameters by position and holds this rank's rows only, so
+    it cannot move between layouts; this form can.
+    """
+    names = {p: name for name, p in model.named_parameters()}
+    groups = [{**{k: v for k, v in g.items() if k != "params"},
+               "params": [names[p] for p in g["params"]]} for g in optimizer.param_groups]
+    tensors: dict[str, dict[str, torch.Tensor]] = {}
+    plain: dict[str, dict[str, Any]] = {}
+    for p, name in names.items():
+        for key, value in optimizer.state.get(p, {}).items():
+            if isinstance(value, torch.Tensor) and value.dim() > 0:
+                tensors.setdefault(key, {})[name] = value
+            else:  # scalars such as Adam's step are the same on every rank
+                plain.setdefault(name, {})[key] = value
+    state: dict[str, dict[str, Any]] = {name: dict(v) for name, v in plain.items()}
+    for key, by_name in tensors.items():
+        for name, t in _canonical(model, by_name, layout).items():
+            state.setdefault(name, {})[key] = t
+    return {"param_groups": groups, "state": state}
+
+
+def restore_optimizer(saved: dict[str, Any], model: nn.Module,
+                      optimizer: torch.optim.Optimizer) -> None:
+    """Load :func:`optimizer_state`'s form into this rank's optimizer, by name and by rows."""
+    rows = _row_slices(model)
+    params = dict(model.named_parameters())
+    by_name = {name: i for i, g in enumerate(saved["param_groups"]) for name in g["params"]}
+    for group in optimizer.param_groups:
+        names = [n for n, p in params.items() if any(p is q for q in group["params"])]
+        source = saved["param_groups"][by_name[names[0]]] if names else None
+        if source is not None:
+            group.update({k: v for k, v in source.items() if k != "params"})
+    for name, entries in saved["state"].items():
+        p = params[name]
+        optimizer.state[p] = {
+            k: (v[rows.get(name, slice(None))].to(p.device).clone()
+                if isinstance(v, torch.Tensor) and v.dim() > 0 else v)
+            for k, v in entries.items()}
+
+
+def nonfinite_parameters(model: nn.Module) -> list[str]:
+    """Names of this rank's parameters that hold a NaN or an infinity."""
+    return [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
+
+
+def estimated_size(model: nn.Module) -> int:
+    """Bytes of one checkpoint: the canonical parameters and as much again of momentum."""
+    full = canonical_shapes(model)
+    return sum(2 * math.prod(shape) * 4 for shape in full.values()) + (1 << 20)
 
 
 def digest(obj: Any) -> str:
@@ -89,14 +146,31 @@ def digest(obj: Any) -> str:
 
 def save_atomic(state: dict[str, Any], path: Path) -> None:
     """Write ``state`` (plus its checksum) so that ``path`` is either the old file or the new."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        torch.save({**state, "sha256": digest(state)}, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Serialised in memory first: torch.save reports a failed write (a full disk) as a
+        # RuntimeError without the errno, a plain write says what happened.
+        buffer = io.BytesIO()
+        torch.save({**state, "sha256": digest(state)}, buffer)
+        with open(tmp, "wb") as f:
+            f.write(buffer.getbuffer())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise SaveError(f"could not write checkpoint '{path}' ({_reason(exc)}); the earlier "
+                        "checkpoints are intact: free space or fix the folder's permissions, "
+                        "then run the same command to resume") from None
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    text = str(exc).strip().splitlines()
+    return text[0][:120] if text else type(exc).__name__
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -110,12 +184,17 @@ def _fsync_dir(folder: Path) -> None:
 def link_atomic(target: Path, link: Path) -> None:
     """Point ``link`` (last.pt, best.pt) at ``target`` without copying and without a gap."""
     tmp = link.with_name(f".{link.name}.tmp")
-    tmp.unlink(missing_ok=True)
     try:
-        os.link(target, tmp)
-    except OSError:  # file systems without hard links get a copy
-        shutil.copyfile(target, tmp)
-    os.replace(tmp, link)
+        tmp.unlink(missing_ok=True)
+        try:
+            os.link(target, tmp)
+        except OSError:  # file systems without hard links get a copy
+            shutil.copyfile(target, tmp)
+        os.replace(tmp, link)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise SaveError(f"could not update '{link}' ({_reason(exc)}); '{target}' is written and "
+                        "the earlier checkpoints are intact") from None
 
 
 def load(path: Path | str) -> dict[str, Any]:
@@ -136,7 +215,7 @@ def load(path: Path | str) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint '{path}' is unreadable or truncated ({detail[:120]}); "
                               "use an older checkpoint or train.resume=none with a new run.dir"
                               ) from None
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
+    if not isinstance(state, dict) or state.get("format") not in READABLE:
         raise CheckpointError(f"'{path}' is not an alexnet_mp checkpoint (no format "
                               f"'{FORMAT}'); pass a file written by launch/train.py")
     expected = state.pop("sha256", None)
@@ -165,39 +244,79 @@ def check_fits(state: dict[str, Any], model_name: str, shapes: dict[str, torch.S
 
 
 def restore(state: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    """Load canonical model and momentum into this rank's part of the model, by slicing rows."""
+    """Load canonical model and optimizer state into this rank's part of the model, by rows."""
     rows = _row_slices(model)
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.copy_(state["model"][name][rows.get(name, slice(None))])
-            m = state["momentum"].get(name)
-            if m is not None:
-                optimizer.state[p]["momentum_buffer"] = m[rows.get(name, slice(None))].to(
-                    p.device).clone()
+    if "optimizer" in state:
+        restore_optimizer(state["optimizer"], model, optimizer)
+        return
+    for name, p in model.named_parameters():  # format 1: momentum only
+        m = state["momentum"].get(name)
+        if m is not None:
+            optimizer.state[p]["momentum_buffer"] = m[rows.get(name, slice(None))].to(
+                p.device).clone()
 
 
 def step_files(folder: Path) -> list[Path]:
-    """Checkpoints in ``folder``, newest first."""
+    """The numbered checkpoints in ``folder``, newest first."""
     if not folder.is_dir():
         return []
     return sorted((p for p in folder.iterdir() if STEP_FILE.match(p.name)), reverse=True)
 
 
+def candidates(folder: Path) -> list[Path]:
+    """Every file the run folder calls a checkpoint, in the order resume tries them: numbered
+    ones newest first, then last.pt and best.pt (all that is left if the numbered ones were
+    deleted)."""
+    named = [folder / n for n in ("last.pt", "best.pt") if (folder / n).is_file()]
+    return step_files(folder) + named
+
+
 def newest_good(folder: Path, warn) -> tuple[Path, dict[str, Any]] | None:
-    """The newest checkpoint that verifies; damaged newer ones are named through ``warn``."""
+    """The first of :func:`candidates` that verifies and holds finite parameters.
+
+    A damaged one is named through ``warn`` and renamed ``*.damaged``: it stays for inspection,
+    but is never tried again and never counts as one of the checkpoints that pruning keeps.
+    Only the rank that writes checkpoints may call this.
+    """
     bad = []
-    for path in step_files(folder):
+    for path in candidates(folder):
         try:
-            return path, load(path)
+            state = load(path)
+            broken = [n for n, t in state["model"].items() if not torch.isfinite(t).all()]
+            if broken:
+                raise CheckpointError(f"checkpoint '{path}' holds non-finite parameters "
+                                      f"({broken[0]})")
+            return path, state
         except CheckpointError as exc:
             bad.append(path)
             warn(f"skipping {exc}")
+            with contextlib.suppress(OSError):
+                set_aside(path, "damaged")
     if bad:
-        raise CheckpointError(f"no usable checkpoint in '{folder}': all {len(bad)} are damaged; "
-                              "move them away to start again")
+        raise CheckpointError(f"no usable checkpoint in '{folder}': all {len(bad)} are damaged "
+                              "(renamed *.damaged); move them away to start again")
     return None
 
 
+def set_aside(path: Path, suffix: str) -> None:
+    """Rename ``path`` out of the candidates (``*.<suffix>``), and point last.pt at the newest
+    numbered checkpoint left (or remove it) if it was the same file."""
+    last = path.parent / "last.pt"
+    was_last = last.is_file() and os.path.samefile(last, path)
+    path.replace(path.with_name(f"{path.name}.{suffix}"))
+    if was_last:
+        left = step_files(path.parent)
+        if left:
+            link_atomic(left[0], last)
+        else:
+            last.unlink(missing_ok=True)
+
+
 def prune(folder: Path, keep: int) -> None:
+    """Keep the ``keep`` newest numbered checkpoints; damaged ones were renamed out of the way
+    by :func:`newest_good`, so those kept are good ones."""
     for old in step_files(folder)[keep:]:
         old.unlink(missing_ok=True)

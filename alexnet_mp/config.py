@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -53,6 +55,9 @@ class DataConfig:
     fake_size: int = 1024  # images in the `fake` data set (train; test gets a quarter)
     train_limit: int | None = None  # use only the first N training examples (smoke runs, tests)
     test_limit: int | None = None
+    # An image file that cannot be read (imagefolder): stop naming it, or skip it (counted in
+    # metrics.jsonl and named on the console once per epoch).
+    bad_images: str = "stop"
 
 
 @dataclass
@@ -73,6 +78,7 @@ class TrainConfig:
     channels_last: bool = False
     eval_only: bool = False
     nonfinite: str = "stop"  # a NaN/inf loss or gradient: stop the run, or skip that batch
+    max_skipped: int = 10  # with nonfinite=skip: stop after this many skipped steps in a row
 
 
 @dataclass
@@ -83,8 +89,21 @@ class RunConfig:
     keep_checkpoints: int = 2
     device: str = "auto"  # auto | cpu | cuda | mps
     threads: int | None = None  # CPU threads per rank; default: cores / local ranks
-    timeout_s: float = 600.0  # collective timeout
+    # How long a rank waits for a peer inside a training or evaluation step before it reports
+    # the peer lost. Waits for rank 0's checkpoint writes use save_timeout_s instead.
+    timeout_s: float = 600.0
+    save_timeout_s: float = 1800.0
     progress: bool = True
+
+
+@dataclass
+class ParallelConfig:
+    # Ranks per replica holding one column each: 1 or 2. null: 2 for alexnet_columns on more than
+    # one rank, else 1. The world size W gives W / columns replicas (data parallel between them).
+    columns: int | None = None
+    # columns: columns x replicas. hybrid: the convolution trunk data-parallel over every rank,
+    # the FC layers split over every rank (Krizhevsky 2014, "one weird trick").
+    layout: str = "columns"
 
 
 @dataclass
@@ -93,6 +112,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     name: str = "default"  # the config file's stem; names the default run folder
 
     def to_dict(self) -> dict[str, Any]:
@@ -106,12 +126,15 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.schedule": ("none", "step", "plateau"),
     "train.amp": ("none", "bf16", "fp16"),
     "train.nonfinite": ("stop", "skip"),
+    "data.bad_images": ("stop", "skip"),
+    "parallel.layout": ("columns", "hybrid"),
     "run.device": ("auto", "cpu", "cuda", "mps"),
 }
 POSITIVE = (
     "model.num_classes", "model.in_channels", "model.width", "data.image_size", "data.fake_size",
     "train.epochs", "train.batch_size", "train.lr", "train.step_size", "run.log_every",
-    "run.timeout_s", "train.max_steps", "run.threads", "data.train_limit", "data.test_limit",
+    "run.timeout_s", "run.save_timeout_s", "train.max_steps", "train.max_skipped", "run.threads",
+    "data.train_limit", "data.test_limit",
 )
 NON_NEGATIVE = ("train.momentum", "train.weight_decay", "data.num_workers", "run.checkpoint_every",
                 "train.patience")
@@ -131,8 +154,14 @@ def _suggest(word: str, options: list[str]) -> str:
     return f" (did you mean '{near[0]}'?)" if near else f" (valid: {', '.join(sorted(options))})"
 
 
+# PyYAML follows YAML 1.1, where a float needs a dot: `1e-3` and `5e-4` load as strings. People
+# write them anyway (YAML 1.2 and JSON read them as numbers), so float keys accept that form.
+_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+
+
 def _coerce(key: str, value: Any, hint: Any) -> Any:
-    """Check ``value`` against the annotation; ints pass as floats, nothing else converts."""
+    """Check ``value`` against the annotation; ints and numbers written as text (``1e-3``) pass
+    as floats, nothing else converts."""
     if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
         args = typing.get_args(hint)
         if value is None and type(None) in args:
@@ -140,6 +169,10 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
         hint = next(a for a in args if a is not type(None))
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if hint is float and isinstance(value, str) and _FLOAT.match(value.strip()):
+        return float(value)
+    if hint is float and isinstance(value, float) and not math.isfinite(value):
+        raise UserError(f"config key '{key}' must be a finite number, got {value!r}")
     if hint is bool and not isinstance(value, bool):
         raise UserError(f"config key '{key}' must be true or false, got {value!r}")
     if hint is int and (isinstance(value, bool) or not isinstance(value, int)):
@@ -195,6 +228,28 @@ def _validate(cfg: Config) -> None:
                         f"{cfg.model.num_classes}")
 
 
+def _refuse_duplicates(text: str, source: Path) -> None:
+    """safe_load keeps the last of two equal keys without a word; the node tree still has both.
+
+    ``yaml.compose`` builds only that tree (no Python objects), so this reads nothing unsafely.
+    """
+    stack = [yaml.compose(text, Loader=yaml.SafeLoader)]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[str, int] = {}
+            for key, value in node.value:
+                name = str(key.value)
+                if name in seen:
+                    where = "section" if isinstance(value, yaml.MappingNode) else "key"
+                    raise UserError(f"config file '{source}' has the {where} '{name}' twice (lines "
+                                    f"{seen[name] + 1} and {key.start_mark.line + 1}); keep one")
+                seen[name] = key.start_mark.line
+                stack.append(value)
+        elif isinstance(node, yaml.SequenceNode):
+            stack.extend(node.value)
+
+
 def parse_override(text: str) -> tuple[str, Any]:
     """``section.key=value`` with the value read as YAML (so 0.1 is a float, true a bool)."""
     if "=" not in text:
@@ -219,11 +274,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     source = path if path is not None else default_path
     if source is not None:
         source = Path(source)
+        if source.is_dir():
+            raise UserError(f"config '{source}' is a folder; pass --config with a YAML file, "
+                            "e.g. configs/default.yaml")
         if not source.is_file():
             raise UserError(f"config file '{source}' does not exist; pass --config with a file "
                             "from configs/")
         try:
-            data = yaml.safe_load(source.read_text())
+            text = source.read_text()
+            _refuse_duplicates(text, source)
+            data = yaml.safe_load(text)
         except yaml.YAMLError as exc:
             first = str(exc).splitlines()[0]
             raise UserError(f"config file '{source}' is not plain YAML ({first}); only plain "
@@ -255,3 +315,37 @@ def run_dir(cfg: Config) -> Path:
 
 def dump_config(cfg: Config, path: Path) -> None:
     path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+# What a resumed run may change. A key that changes the data order, the tensors' shapes or what a
+# step or an epoch means is fixed by the run that wrote the checkpoint; the others may change,
+# with a warning that lists them. The layout (parallel.*, model.name within its family) may change
+# freely: checkpoints are layout-free and train.batch_size is the global batch.
+FIXED_ON_RESUME = (
+    "model.num_classes", "model.in_channels", "model.width", "data.name", "data.image_size",
+    "data.augment", "data.fake_size", "data.train_limit", "data.test_limit", "train.batch_size",
+    "train.seed", "train.schedule", "train.step_size", "train.gamma", "train.patience",
+)
+SILENT_ON_RESUME = ("name", "run.dir", "train.resume", "model.name")
+
+
+def _flat(tree: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for section, body in tree.items():
+        if isinstance(body, dict):
+            out.update({f"{section}.{k}": v for k, v in body.items()})
+        else:
+            out[section] = body
+    return out
+
+
+def resume_changes(saved: dict[str, Any], cfg: Config) -> tuple[list[str], list[str]]:
+    """Keys whose value differs from the checkpoint's config, as ``key: old -> new``: (those
+    that may not change on resume, those that may). Keys the checkpoint predates are skipped."""
+    old, new = _flat(saved), _flat(cfg.to_dict())
+    fixed, free = [], []
+    for key, value in new.items():
+        if key not in old or old[key] == value or key in SILENT_ON_RESUME:
+            continue
+        (fixed if key in FIXED_ON_RESUME else free).append(f"{key}: {old[key]!r} -> {value!r}")
+    return fixed, free

@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from alexnet_mp.errors import UserError
+from alexnet_mp.errors import UserError, peer_errors
 from alexnet_mp.guard import StepGuard
 
 
@@ -28,6 +28,12 @@ class TrainState:
     step: int = 0  # batches of that epoch already done
     global_step: int = 0
     best_acc: float = -1.0
+    # The epoch's running training figures, so that an epoch resumed part-way reports the same
+    # loss and accuracy as one run straight through.
+    loss_sum: float = 0.0
+    correct: int = 0
+    seen: int = 0
+    skipped_in_row: int = 0  # steps in a row not applied because they were not finite
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -35,6 +41,10 @@ class TrainState:
 
 class NonFiniteError(UserError):
     """The loss turned NaN or infinite; the last good checkpoint is kept."""
+
+    def __init__(self, message: str, loss_at_step: int | None = None) -> None:
+        super().__init__(message)
+        self.loss_at_step = loss_at_step  # set when a step's loss or gradients were not finite
 
 
 class Precision:
@@ -78,20 +88,27 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
                     transform: nn.Module, state: TrainState, precision: Precision, *,
                     max_steps: int | None = None, log_every: int = 20, show_bar: bool = False,
                     guard: StepGuard | None = None, skip_nonfinite: bool = False,
+                    max_skipped: int = 10,
                     on_log: Callable[[dict], None] = lambda r: None,
-                    after_step: Callable[[TrainState], None] = lambda s: None) -> dict:
+                    after_step: Callable[[TrainState], None] = lambda s: None,
+                    targets: Callable[[torch.Tensor], torch.Tensor] = lambda y: y) -> dict:
     """Train from batch ``state.step`` of epoch ``state.epoch`` to its end, ``max_steps``, or
     until the guard says every rank is stopping.
 
     A step whose loss or gradients are not finite on some rank is never applied: the run stops
-    with :class:`NonFiniteError` or, with ``skip_nonfinite``, goes on to the next batch.
-    Returns the epoch's mean loss, accuracy and images/s over the batches run here.
+    with :class:`NonFiniteError` or, with ``skip_nonfinite``, goes on to the next batch (until
+    ``max_skipped`` such steps in a row). ``targets`` maps this rank's labels to those of the
+    logits the model returns (a layout that gathers the batch gathers its labels). Step records
+    are logged every ``log_every`` steps and at the epoch's end only, so an interrupted and
+    resumed run logs the same records as a straight one. Returns the epoch's loss and accuracy
+    (over the whole epoch so far, resumed part included) and images/s over the batches run
+    here.
     """
     model.train()
     device = precision.device
-    loss_sum = torch.zeros((), device=device)
-    correct = torch.zeros((), device=device, dtype=torch.long)
-    seen = 0
+    if state.step == 0:
+        state.loss_sum, state.correct, state.seen = 0.0, 0, 0
+    seen_here = 0
     window_start, window_seen = time.perf_counter(), 0
     epoch_start = window_start
     total = state.step + len(loader)
@@ -99,43 +116,54 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
                disable=not show_bar, dynamic_ncols=True, leave=False, mininterval=1.0)
     for x, y in loader:
         x = transform(x.to(device, non_blocking=True))
-        y = y.to(device, non_blocking=True)
+        y = targets(y.to(device, non_blocking=True))
         with precision.autocast():
             logits = model(x)
         loss = F.cross_entropy(logits.float(), y)
         optimizer.zero_grad(set_to_none=True)
-        precision.backward(loss)
+        # torch's own collectives (the exchanges' reduce-scatter, the replicas' all-reduce) run
+        # inside autograd, so a lost peer surfaces here.
+        with peer_errors("the backward pass"):
+            precision.backward(loss)
+        n = y.shape[0]
         # With a gradient scaler, inf gradients are routine: the scaler skips those steps.
         if guard is not None and not guard.check(loss, model, grads=precision.scaler is None):
-            if not skip_nonfinite:
+            state.skipped_in_row += 1
+            if not skip_nonfinite or state.skipped_in_row >= max_skipped:
+                why = (f"{state.skipped_in_row} steps in a row were" if skip_nonfinite
+                       else "the loss or a gradient became")
                 raise NonFiniteError(
-                    f"the loss or a gradient became NaN or infinite at step "
-                    f"{state.global_step + 1} (epoch {state.epoch + 1}); that step was not applied "
-                    "and the last good checkpoint is kept: lower train.lr or check the data "
-                    "(train.nonfinite=skip steps over such batches)")
+                    f"{why} NaN or infinite at step {state.global_step + 1} (epoch "
+                    f"{state.epoch + 1}); no such step was applied and the last good checkpoint "
+                    "is kept: lower train.lr (a resumed run may change it) or check the data",
+                    loss_at_step=state.global_step + 1)
             optimizer.zero_grad(set_to_none=True)
             on_log({"kind": "skipped", "epoch": state.epoch + 1, "step": state.global_step + 1})
         else:
+            state.skipped_in_row = 0
+            # Read after the guard's sync and before the optimizer's kernels: no extra wait.
+            batch_loss, batch_correct = torch.stack([
+                loss.detach().float() * n, (logits.detach().argmax(dim=1) == y).sum().float()
+            ]).tolist()
             precision.step(optimizer)
-
-        n = y.shape[0]
-        loss_sum += torch.nan_to_num(loss.detach()) * n
-        correct += (logits.detach().argmax(dim=1) == y).sum()
-        seen += n
+            state.loss_sum += batch_loss
+            state.correct += int(batch_correct)
+            state.seen += n
+        seen_here += n
         window_seen += n
         state.step += 1
         state.global_step += 1
         bar.update(1)
         last = (state.step == total or (max_steps is not None and state.global_step >= max_steps)
                 or (guard is not None and guard.stopping))
-        if state.global_step % log_every == 0 or last:
-            value = loss.item()
+        if state.global_step % log_every == 0 or state.step == total:
             now = time.perf_counter()
             record = {"kind": "step", "epoch": state.epoch + 1, "step": state.global_step,
-                      "loss": value, "lr": optimizer.param_groups[0]["lr"],
+                      "loss": loss.item(), "lr": optimizer.param_groups[0]["lr"],
                       "images_per_s": window_seen / max(now - window_start, 1e-9)}
             window_start, window_seen = now, 0
-            bar.set_postfix(loss=f"{value:.3f}", acc=f"{correct.item() / seen:.3f}",
+            bar.set_postfix(loss=f"{record['loss']:.3f}",
+                            acc=f"{state.correct / max(state.seen, 1):.3f}",
                             img_s=f"{record['images_per_s']:.0f}")
             on_log(record)
         after_step(state)
@@ -144,15 +172,20 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
     bar.close()
     sync_device(device)
     elapsed = time.perf_counter() - epoch_start
-    return {"train_loss": (loss_sum / max(seen, 1)).item(),
-            "train_acc": correct.item() / max(seen, 1),
-            "images_per_s": seen / max(elapsed, 1e-9), "images": seen}
+    return {"train_loss": state.loss_sum / max(state.seen, 1),
+            "train_acc": state.correct / max(state.seen, 1),
+            "images_per_s": seen_here / max(elapsed, 1e-9), "images": state.seen}
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: DataLoader, transform: nn.Module,
-             precision: Precision) -> dict:
-    """Top-1, top-5 and loss over every test example (each rank runs every batch in lockstep)."""
+             precision: Precision, guard: StepGuard | None = None,
+             targets: Callable[[torch.Tensor], torch.Tensor] = lambda y: y) -> dict | None:
+    """Top-1, top-5 and loss over every test example (each rank runs every batch in lockstep).
+
+    With a ``guard``, a stop request (SIGTERM, Ctrl-C) abandons the evaluation after the batch in
+    flight and returns None: a long evaluation must not outlast a scheduler's grace period.
+    """
     model.eval()
     device = precision.device
     loss_sum = torch.zeros((), device=device)
@@ -161,13 +194,15 @@ def evaluate(model: nn.Module, loader: DataLoader, transform: nn.Module,
     seen = 0
     for x, y in loader:
         x = transform(x.to(device, non_blocking=True))
-        y = y.to(device, non_blocking=True)
+        y = targets(y.to(device, non_blocking=True))
         with precision.autocast():
             logits = model(x).float()
         loss_sum += F.cross_entropy(logits, y, reduction="sum")
         top1 += _topk_correct(logits, y, 1)
         top5 += _topk_correct(logits, y, 5)
         seen += y.shape[0]
+        if guard is not None and guard.poll():
+            return None
     seen = max(seen, 1)
     return {"test_loss": (loss_sum / seen).item(), "test_acc": top1.item() / seen,
             "test_top5": top5.item() / seen}

@@ -13,17 +13,46 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 
 class MetricsLog:
-    """Appends one JSON object a line; a resumed run continues the same file."""
+    """Appends one JSON object a line; a resumed run continues the same file.
+
+    ``records`` counts the lines written so far. A checkpoint stores it, and a run resumed from
+    that checkpoint cuts the file back to it (:meth:`truncate`), so the lines an interrupted run
+    wrote after its last checkpoint are not there twice: the log equals a straight run's.
+    """
 
     def __init__(self, path: Path, enabled: bool = True) -> None:
         self.path = path
         self.enabled = enabled
+        self.records = len(self._lines()) if enabled else 0
+
+    def _lines(self) -> list[str]:
+        if not self.path.is_file():
+            return []
+        return [line for line in self.path.read_text().splitlines(keepends=True)
+                if line.endswith("\n")]  # a line torn by a kill has no newline yet
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
+        self.records += 1
+
+    def truncate(self, records: int) -> None:
+        """Keep the first ``records`` lines (those before the checkpoint a run resumes from)."""
+        if not self.enabled:
+            return
+        kept = self._lines()[:records]
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        tmp.write_text("".join(kept))
+        tmp.replace(self.path)
+        self.records = len(kept)
+
+
+def append_json(path: Path, record: dict[str, Any]) -> None:
+    """One line of a run folder's history (starts, resumes, stops, and the config each used)."""
+    with open(path, "a") as f:
+        f.write(json.dumps(record, default=str) + "\n")
 
 
 def read_log(path: Path) -> list[dict[str, Any]]:

@@ -1,10 +1,14 @@
 """A whole training run: build, resume, train epochs, evaluate, checkpoint, log.
 
 Every rank runs all of it in lockstep; rank 0 alone prints, draws the bar and writes files.
+An epoch ends in this order: checkpoint, evaluation, schedule step, metrics, checkpoint again;
+so a failure or a stop during evaluation loses no training, and a run resumed from the first
+of those checkpoints evaluates that epoch before it goes on.
 """
 
 from __future__ import annotations
 
+import datetime
 import sys
 import time
 from pathlib import Path
@@ -14,21 +18,18 @@ import torch
 import torch.distributed as dist
 
 from alexnet_mp import checkpoint as ckpt
-from alexnet_mp.config import Config, dump_config, run_dir
+from alexnet_mp import runfolder
+from alexnet_mp.config import Config, dump_config, resume_changes, run_dir
 from alexnet_mp.data import BatchTransform, build_data, make_loader, set_epoch
-from alexnet_mp.engine import Precision, TrainState, evaluate, train_one_epoch
-from alexnet_mp.errors import UserError
+from alexnet_mp.engine import NonFiniteError, Precision, TrainState, evaluate, train_one_epoch
+from alexnet_mp.errors import PeerLostError, UserError, peer_errors
 from alexnet_mp.guard import StepGuard
-from alexnet_mp.metrics import MetricsLog, plot_curves
-from alexnet_mp.models import build_model, model_family
+from alexnet_mp.metrics import MetricsLog, append_json, plot_curves
+from alexnet_mp.models import model_family
+from alexnet_mp.parallel.build import build_model
 from alexnet_mp.parallel.layout import Layout
 
-
-class PeerLostError(UserError):
-    """Another rank died or stalled past run.timeout_s; restarting resumes from a checkpoint."""
-
-    exit_code = 3
-    broken_group = True  # its process group cannot be torn down cleanly
+Plateau = torch.optim.lr_scheduler.ReduceLROnPlateau
 
 
 def make_scheduler(cfg: Config, optimizer: torch.optim.Optimizer):
@@ -37,7 +38,7 @@ def make_scheduler(cfg: Config, optimizer: torch.optim.Optimizer):
         return torch.optim.lr_scheduler.StepLR(optimizer, t.step_size, t.gamma)
     if t.schedule == "plateau":
         # The paper: divide by 10 when the validation error stops improving.
-        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, "max", t.gamma, t.patience)
+        return Plateau(optimizer, "max", t.gamma, t.patience)
     return None
 
 
@@ -49,38 +50,52 @@ class Trainer:
         self.out = run_dir(cfg)
         self.ckdir = self.out / "checkpoints"
         self.say = print if layout.is_main else (lambda *a, **k: None)
+        self.lock: runfolder.RunFolderLock | None = None
+        self.resumed_from: Path | None = None
+        self.resumed_step = -1
         error = None
         try:
             self._build()
         except UserError as exc:
             error = exc
-        layout.agree(error)
+        self._agree(error)
+        try:
+            self._resume()
+        except BaseException:
+            self.close()
+            raise
 
     def warn(self, text: str) -> None:
         if self.layout.is_main:
             print(f"warning: {text}", file=sys.stderr, flush=True)
 
-    def _prepare_folder(self) -> None:
-        if not self.layout.is_main:
-            return
+    def close(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
+    def _agree(self, error: UserError | None) -> None:
+        """Every rank raises if any rank failed (the failing rank's line), none hangs."""
         try:
-            self.ckdir.mkdir(parents=True, exist_ok=True)
-            probe = self.out / ".write-test"
-            probe.write_text("ok")
-            probe.unlink()
-        except OSError as exc:
-            raise UserError(f"run folder '{self.out}' is not writable ({exc.strerror}); set "
-                            "run.dir to a folder you can write") from None
+            with peer_errors("agreeing with the other ranks"):
+                self.layout.agree(error)
+        except BaseException:
+            self.close()
+            raise
 
     def _build(self) -> None:
         cfg, layout = self.cfg, self.layout
-        self._prepare_folder()
+        if layout.is_main:
+            self.lock = runfolder.prepare(self.out, self.ckdir)
+        self.log = MetricsLog(self.out / "metrics.jsonl", enabled=layout.is_main)
         self.precision = Precision(cfg.train.amp, layout.device)
         data = build_data(cfg.data, num_classes=cfg.model.num_classes,
                           in_channels=cfg.model.in_channels, seed=cfg.train.seed)
         pin = layout.device.type == "cuda"
-        common = dict(batch_size=cfg.train.batch_size, seed=cfg.train.seed,
-                      num_workers=cfg.data.num_workers, pin_memory=pin)
+        # train.batch_size is the global batch: replicas (or hybrid ranks) each take a share.
+        common = dict(batch_size=layout.local_batch(cfg.train.batch_size), seed=cfg.train.seed,
+                      num_workers=cfg.data.num_workers, pin_memory=pin,
+                      replicas=layout.data_shards, replica=layout.data_shard)
         self.train_loader = make_loader(data.train, shuffle=True, **common)
         self.test_loader = make_loader(data.test, shuffle=False, **common)
         self.transform = BatchTransform(cfg.data.image_size, data.mean, data.std,
@@ -88,33 +103,75 @@ class Trainer:
         self.model = build_model(cfg.model, cfg.data.image_size, layout, cfg.train.seed)
         if cfg.train.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
+        if layout.is_main:
+            runfolder.check_room(self.ckdir, ckpt.estimated_size(self.model),
+                                 cfg.run.keep_checkpoints)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=cfg.train.lr,
                                          momentum=cfg.train.momentum,
                                          weight_decay=cfg.train.weight_decay)
         self.scheduler = make_scheduler(cfg, self.optimizer)
         self.state = TrainState()
-        self._resume()
 
-    # -- checkpoints -------------------------------------------------------------------------
-    def _resume(self) -> None:
+    # -- resume ------------------------------------------------------------------------------
+    def _choose(self) -> tuple[Path, dict[str, Any]] | None:
+        """Rank 0: the checkpoint to resume from, checked against this run's model and config."""
         resume = self.cfg.train.resume
         if resume == "none":
-            if ckpt.step_files(self.ckdir):
+            if ckpt.candidates(self.ckdir):
                 raise UserError(f"'{self.ckdir}' already holds checkpoints and train.resume=none "
                                 "would overwrite them; use train.resume=auto or another run.dir")
-            return
+            return None
         if resume == "auto":
             found = ckpt.newest_good(self.ckdir, self.warn)
-            if found is None:
-                return
-            path, saved = found
         else:
-            path, saved = Path(resume), ckpt.load(resume)
+            found = Path(resume), ckpt.load(resume)
+        if found is None:
+            return None
+        path, saved = found
         ckpt.check_fits(saved, model_family(self.cfg.model.name),
                         ckpt.canonical_shapes(self.model), path)
+        fixed, free = resume_changes(saved.get("config", {}), self.cfg)
+        if fixed:
+            raise UserError(f"checkpoint '{path}' was written with a different {fixed[0]}"
+                            f"{f' (and {len(fixed) - 1} more)' if len(fixed) > 1 else ''}; such "
+                            "keys fix the data order or the shapes, so resume with the same value "
+                            "or start a new run.dir")
+        if free:
+            self.warn(f"resuming with a changed config: {'; '.join(free)}")
+        return path, saved
+
+    def _fetch(self) -> tuple[Path | None, dict[str, Any] | None]:
+        """Rank 0 chooses and reads the checkpoint and sends it to every rank, so resume needs
+        neither a shared file system nor agreement between ranks scanning a folder."""
+        found, error = None, None
+        if self.layout.is_main:
+            try:
+                found = self._choose()
+            except UserError as exc:
+                error = str(exc)
+        if self.layout.distributed:
+            box = [(error, found)]
+            with peer_errors("sending the checkpoint to every rank"):
+                dist.broadcast_object_list(box, src=0)
+            error, found = box[0]
+        if error is not None:
+            raise UserError(error)
+        return found if found is not None else (None, None)
+
+    def _resume(self) -> None:
+        path, saved = self._fetch()
+        if saved is None:
+            if self.cfg.train.eval_only:
+                raise UserError(f"train.eval_only=true needs a trained model, but '{self.ckdir}' "
+                                "holds no checkpoint; set train.resume=PATH to a checkpoint")
+            self._record_start(None, saved_cfg=None)
+            return
         ckpt.restore(saved, self.model, self.optimizer)
+        if saved["format"] != ckpt.FORMAT or "optimizer" not in saved:
+            self.warn(f"'{path}' predates saved learning rates: the run goes on at train.lr")
         if self.scheduler is not None and saved.get("scheduler"):
             self.scheduler.load_state_dict(saved["scheduler"])
+        self._apply_changed_hyperparameters(saved.get("config", {}).get("train", {}))
         if self.precision.scaler is not None and saved.get("scaler"):
             self.precision.scaler.load_state_dict(saved["scaler"])
         self.state = TrainState(**saved["train"])
@@ -124,25 +181,77 @@ class Trainer:
             self.model.generator.set_state(rng["dropout"])
         if self.layout.device.type == "cuda" and "cuda" in rng:
             torch.cuda.set_rng_state(rng["cuda"], self.layout.device)
+        if "log_records" in saved and not self.cfg.train.eval_only:
+            self.log.truncate(saved["log_records"])
+        self.resumed_from, self.resumed_step = path, self.state.global_step
+        self._record_start(path, saved_cfg=saved.get("config"))
         self.say(f"resumed from {path} (epoch {self.state.epoch + 1}, batch {self.state.step}, "
                  f"step {self.state.global_step})", flush=True)
 
-    def save(self, best: bool = False) -> None:
-        """Every rank joins the gathers; rank 0 writes one canonical file."""
-        model = ckpt.model_state(self.model, self.layout)
-        momentum = ckpt.momentum_state(self.model, self.optimizer, self.layout)
+    def _apply_changed_hyperparameters(self, saved: dict[str, Any]) -> None:
+        """A resumed run that changes train.lr scales the schedule's rates by new/old, so a rate
+        already divided by the schedule stays divided; momentum and weight decay are taken as
+        they are now. (The checkpoint's param groups are restored first.)"""
+        t = self.cfg.train
+        ratio = t.lr / saved["lr"] if saved.get("lr") else 1.0
+        for group in self.optimizer.param_groups:
+            group["momentum"], group["weight_decay"] = t.momentum, t.weight_decay
+            if ratio != 1.0:
+                group["lr"] *= ratio
+                if "initial_lr" in group:
+                    group["initial_lr"] *= ratio
+        if ratio != 1.0 and self.scheduler is not None:
+            for name in ("base_lrs", "_last_lr", "min_lrs"):
+                if isinstance(getattr(self.scheduler, name, None), list):
+                    setattr(self.scheduler, name,
+                            [v * ratio if name != "min_lrs" else v
+                             for v in getattr(self.scheduler, name)])
+
+    def _record_start(self, path: Path | None, saved_cfg: dict[str, Any] | None) -> None:
+        """config.yaml is the config in force; history.jsonl keeps every start's config."""
         if not self.layout.is_main:
             return
+        changes = resume_changes(saved_cfg, self.cfg)[1] if saved_cfg else []
+        append_json(self.out / "history.jsonl", {
+            "event": "eval_only" if self.cfg.train.eval_only else "start",
+            "time": datetime.datetime.now().isoformat(timespec="seconds"),
+            "step": self.state.global_step, "resumed_from": str(path) if path else None,
+            "changed": changes, "config": self.cfg.to_dict()})
+        if not self.cfg.train.eval_only:
+            dump_config(self.cfg, self.out / "config.yaml")
+
+    # -- checkpoints -------------------------------------------------------------------------
+    def save(self, best: bool = False) -> None:
+        """Every rank joins; rank 0 writes one canonical file; every rank learns whether it
+        worked, so a failed write is one line everywhere instead of a hang or a false
+        "peer lost" on the others."""
+        bad = ckpt.nonfinite_parameters(self.model)
+        self._agree(NonFiniteError(
+            f"the parameters became NaN or infinite ({bad[0]}) after step "
+            f"{self.state.global_step}; they were not saved and the last good checkpoint is kept: "
+            "lower train.lr (a resumed run may change it) and run again") if bad else None)
+        with peer_errors("gathering the checkpoint"):
+            model = ckpt.model_state(self.model, self.layout)
+            optimizer = ckpt.optimizer_state(self.model, self.optimizer, self.layout)
+        error = None
+        if self.layout.is_main:
+            try:
+                self._write(model, optimizer, best)
+            except UserError as exc:
+                error = exc
+        self._agree(error)
+
+    def _write(self, model: dict, optimizer: dict, best: bool) -> None:
         rng: dict[str, Any] = {"torch": torch.get_rng_state()}
         if hasattr(self.model, "generator"):
             rng["dropout"] = self.model.generator.get_state()
         if self.layout.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.layout.device)
         state = {"format": ckpt.FORMAT, "model_name": model_family(self.cfg.model.name),
-                 "model": model, "momentum": momentum, "train": self.state.to_dict(),
+                 "model": model, "optimizer": optimizer, "train": self.state.to_dict(),
                  "scheduler": self.scheduler.state_dict() if self.scheduler else None,
                  "scaler": self.precision.scaler.state_dict() if self.precision.scaler else None,
-                 "rng": rng, "config": self.cfg.to_dict()}
+                 "rng": rng, "config": self.cfg.to_dict(), "log_records": self.log.records}
         path = self.ckdir / f"step-{self.state.global_step:08d}.pt"
         ckpt.save_atomic(state, path)
         ckpt.link_atomic(path, self.ckdir / "last.pt")
@@ -152,39 +261,70 @@ class Trainer:
 
     # -- the run -----------------------------------------------------------------------------
     def run(self) -> dict:
+        """Train (or evaluate); returns the last figures, with ``exit_code`` when stopped."""
+        guard = StepGuard(self.layout.distributed, self.layout.step_group, self.layout.device)
+        guard.install()
         try:
-            return self._run()
-        except (dist.DistBackendError, dist.DistError, RuntimeError) as exc:
-            text = str(exc)
-            if not self.layout.distributed or not any(
-                    w in text for w in ("gloo", "Gloo", "NCCL", "imed out", "onnection", "peer")):
+            return self._run(guard)
+        except NonFiniteError as exc:
+            if exc.loss_at_step is None:
                 raise
-            first = text.strip().splitlines()[0][:160]
+            raise NonFiniteError(f"{exc}{self._set_aside_poisoned(exc.loss_at_step)}") from None
+        except PeerLostError as exc:
             raise PeerLostError(
                 f"rank {self.layout.rank}: the other rank stopped answering at step "
-                f"{self.state.global_step + 1} (epoch {self.state.epoch + 1}) ({first}); the "
+                f"{self.state.global_step + 1} (epoch {self.state.epoch + 1}) ({exc}); the "
                 f"newest checkpoint is in {self.ckdir}: restart the same command to resume, or "
                 "run torchrun with --max-restarts") from None
+        finally:
+            guard.uninstall()
+            self.close()
 
-    def _run(self) -> dict:
+    def _set_aside_poisoned(self, bad_step: int) -> str:
+        """The parameters that gave a non-finite loss at ``bad_step`` came from the update
+        before it; if this run saved them, they are no checkpoint to resume from: resuming
+        "with a lower rate" would start from the damage. Older checkpoints are never touched,
+        so bad data at a fixed batch cannot walk resume back through the whole history."""
+        path = self.ckdir / f"step-{bad_step - 1:08d}.pt"
+        if not self.layout.is_main or bad_step - 1 <= self.resumed_step or not path.is_file():
+            return ""
+        ckpt.set_aside(path, "nonfinite")
+        left = ckpt.step_files(self.ckdir)
+        return (f"; '{path.name}' (the weights that gave it) was renamed *.nonfinite, so a "
+                f"resumed run starts from {left[0].name if left else 'scratch'}")
+
+    def _stopped(self, guard: StepGuard, saved: bool) -> dict:
+        if not saved:
+            self.save()
+        name = guard.signal.name if guard.signal is not None else "a stop request"
+        if self.layout.is_main:
+            append_json(self.out / "history.jsonl", {
+                "event": "stopped", "signal": name, "step": self.state.global_step,
+                "time": datetime.datetime.now().isoformat(timespec="seconds")})
+        self.say(f"stopped on request ({name}) at step {self.state.global_step}; checkpoint "
+                 f"{self.ckdir / f'step-{self.state.global_step:08d}.pt'} written: run the same "
+                 "command to resume", flush=True)
+        return {"stopped": name, "exit_code": guard.exit_code}
+
+    def _evaluate(self, guard: StepGuard) -> dict | None:
+        return evaluate(self.model, self.test_loader, self.transform, self.precision, guard,
+                        targets=self.layout.loss_targets)
+
+    def _run(self, guard: StepGuard) -> dict:
         cfg, layout = self.cfg, self.layout
-        log = MetricsLog(self.out / "metrics.jsonl", enabled=layout.is_main)
-        if layout.is_main:
-            dump_config(cfg, self.out / "config.yaml")
         if cfg.train.eval_only:
-            result = evaluate(self.model, self.test_loader, self.transform, self.precision)
+            result = self._evaluate(guard)
+            if result is None:
+                return {"stopped": guard.signal.name, "exit_code": guard.exit_code}
             self.say(f"evaluation: top-1 {result['test_acc']:.4f}  top-5 {result['test_top5']:.4f}"
                      f"  loss {result['test_loss']:.4f}", flush=True)
-            log.write({"kind": "eval", "step": self.state.global_step, **result})
+            self.log.write({"kind": "eval", "step": self.state.global_step, **result})
             return result
         self.say(f"{cfg.model.name} ({layout.name}, {layout.world_size} rank(s), "
                  f"{layout.device.type}) on {cfg.data.name}: {len(self.train_loader.dataset)} "
                  f"train / {len(self.test_loader.dataset)} test images at "
                  f"{cfg.data.image_size}px; run folder {self.out}", flush=True)
-        every = cfg.run.checkpoint_every
-        max_steps = cfg.train.max_steps
-        guard = StepGuard(layout.distributed, layout.group)
-        guard.install()
+        every, max_steps = cfg.run.checkpoint_every, cfg.train.max_steps
         result: dict = {}
         start = time.perf_counter()
 
@@ -197,44 +337,51 @@ class Trainer:
                 break
             set_epoch(self.train_loader, self.state.epoch, self.state.step)
             len_epoch = self.state.step + len(self.train_loader)
+            step_before = self.state.global_step
             stats = train_one_epoch(
                 self.model, self.train_loader, self.optimizer, self.transform, self.state,
                 self.precision, max_steps=max_steps, log_every=cfg.run.log_every,
-                show_bar=layout.is_main and cfg.run.progress, on_log=log.write,
-                guard=guard, skip_nonfinite=cfg.train.nonfinite == "skip", after_step=after_step)
+                show_bar=layout.is_main and cfg.run.progress, on_log=self.log.write,
+                guard=guard, skip_nonfinite=cfg.train.nonfinite == "skip",
+                max_skipped=cfg.train.max_skipped, after_step=after_step,
+                targets=layout.loss_targets)
             if guard.stopping:
-                self.save()
-                log.write({"kind": "stopped", "epoch": self.state.epoch + 1,
-                           "step": self.state.global_step})
-                self.say(f"stopped on request (SIGTERM) at step {self.state.global_step}; "
-                         f"checkpoint written to {self.ckdir}: run the same command to resume",
-                         flush=True)
-                return {"stopped": True, **stats}
-            result = {**stats, **evaluate(self.model, self.test_loader, self.transform,
-                                          self.precision)}
-            partial = self.state.step < len_epoch
+                return self._stopped(guard, saved=False)
             epoch = self.state.epoch + 1
+            partial = self.state.step < len_epoch
+            if self.state.global_step > step_before:
+                self.save()  # before evaluating: an evaluation that fails loses no training
+            result = self._evaluate(guard)
+            if result is None:
+                return self._stopped(guard, saved=True)
+            result = {**stats, **result}
+            best = False
             if not partial:
                 self.state.epoch, self.state.step = epoch, 0
-                if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                if isinstance(self.scheduler, Plateau):
                     self.scheduler.step(result["test_acc"])
                 elif self.scheduler is not None:
                     self.scheduler.step()
-            best = result["test_acc"] > self.state.best_acc
-            if best:
-                self.state.best_acc = result["test_acc"]
-            self.save(best=best)
+                # Only whole epochs compete for best.pt: a cut-short one is not comparable.
+                best = result["test_acc"] > self.state.best_acc
+                if best:
+                    self.state.best_acc = result["test_acc"]
             record = {"kind": "epoch", "epoch": epoch, "step": self.state.global_step,
                       "partial": partial, "lr": self.optimizer.param_groups[0]["lr"],
                       "elapsed_s": time.perf_counter() - start, **result}
-            log.write(record)
+            # A cut-short epoch's record comes after its checkpoint, so a resumed run drops it.
+            self.log.write(record)
             if layout.is_main:
-                plot_curves(log.path, self.out / "curves.png")
+                plot_curves(self.log.path, self.out / "curves.png")
+            if not partial:
+                self.save(best=best)
             self.say(f"epoch {epoch}/{cfg.train.epochs}{' (stopped early)' if partial else ''}: "
                      f"train loss {result['train_loss']:.4f} acc {result['train_acc']:.4f} | "
                      f"test acc {result['test_acc']:.4f} top-5 {result['test_top5']:.4f} | "
                      f"{result['images_per_s']:.0f} img/s | "
                      f"{time.perf_counter() - start:.0f} s", flush=True)
+            if guard.poll():
+                return self._stopped(guard, saved=True)
         if result:
             self.say(f"done: test accuracy {result['test_acc']:.4f} after "
                      f"{self.state.global_step} steps in {time.perf_counter() - start:.0f} s; "

@@ -32,7 +32,8 @@ def layout_from_env(cfg: Config, model_name: str) -> Layout:
         model_name, rank=env_rank(), world_size=world, local_rank=int(env.get("LOCAL_RANK", 0)),
         local_world_size=int(env.get("LOCAL_WORLD_SIZE", world)), device=cfg.run.device,
         threads=cfg.run.threads, timeout_s=cfg.run.timeout_s,
-        attempt=int(env.get("TORCHELASTIC_RESTART_COUNT", 0)))
+        save_timeout_s=cfg.run.save_timeout_s, columns=cfg.parallel.columns,
+        layout=cfg.parallel.layout, attempt=int(env.get("TORCHELASTIC_RESTART_COUNT", 0)))
 
 
 def report(exc: UserError) -> int:
@@ -48,9 +49,10 @@ def report(exc: UserError) -> int:
 
 
 def run_entry(args: argparse.Namespace,
-              body: Callable[[Config, Callable[[str], Layout]], None]) -> int:
-    """Config from the command line, then ``body(cfg, open_layout)``. Bad input becomes one line
-    and its exit code; the process group ``open_layout`` started is closed, on failure too."""
+              body: Callable[[Config, Callable[[str], Layout]], int | None]) -> int:
+    """Config from the command line, then ``body(cfg, open_layout)``, whose result is the exit
+    code (None: 0). Bad input becomes one line and its exit code; the process group
+    ``open_layout`` started is closed, on failure too."""
     opened: list[Layout] = []
     try:
         cfg = config_from_args(args)
@@ -59,11 +61,12 @@ def run_entry(args: argparse.Namespace,
             opened.append(layout_from_env(cfg, model_name))
             return opened[-1]
 
-        body(cfg, open_layout)
-        return 0
+        return body(cfg, open_layout) or 0
     except UserError as exc:
         return report(exc)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # a second Ctrl-C: no checkpoint beyond the last one
+        print("interrupted; the newest checkpoint is the last one written", file=sys.stderr,
+              flush=True)
         return 130
     finally:
         for layout in opened:

@@ -6,6 +6,7 @@ It reads the command line and torchrun's environment, and hands plain values to 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -33,11 +34,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.print_shapes:
             from alexnet_mp.models.shapes import shape_table
 
-            print(shape_table(cfg.model, cfg.data.image_size))
-            return
+            try:
+                print(shape_table(cfg.model, cfg.data.image_size), flush=True)
+            except BrokenPipeError:  # `--print-shapes | head`: the reader has what it wanted
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 0
         from alexnet_mp.run import Trainer
 
-        Trainer(cfg, open_layout(cfg.model.name)).run()
+        return Trainer(cfg, open_layout(cfg.model.name)).run().get("exit_code", 0)
 
     return run_entry(args, body)
 

@@ -1,0 +1,88 @@
+"""The run folder before training starts: one job at a time, writable, room for checkpoints.
+
+Everything here runs on rank 0, the only rank that writes files. A problem found here costs
+seconds; found at the first save it would cost an epoch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import shutil
+import socket
+from pathlib import Path
+
+from alexnet_mp.errors import UserError
+
+LOCK_NAME = ".lock"
+
+
+class RunFolderLock:
+    """An exclusive ``flock`` on ``<run>/.lock``, held for the life of the process.
+
+    The kernel drops the lock when the holder dies, SIGKILL included, so a crashed job never
+    leaves a stale lock; but workers left running by a killed torchrun still hold it, which is
+    the point: a second job must not write checkpoints beside them.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self.path = folder / LOCK_NAME
+        self.fd: int | None = None
+
+    def acquire(self) -> None:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise UserError(f"run folder '{self.path.parent}' is in use by another job "
+                            f"({holder}); wait for it to end or stop it, or set run.dir to "
+                            "another folder") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
+        self.fd = fd
+
+    def __del__(self) -> None:
+        self.release()
+
+    def release(self) -> None:
+        if self.fd is not None:
+            with contextlib.suppress(OSError):
+                fcntl.flock(self.fd, fcntl.LOCK_UN)
+                os.close(self.fd)
+            self.fd = None
+
+
+def prepare(folder: Path, checkpoints: Path) -> RunFolderLock:
+    """Create the folders, take the lock and prove that checkpoints can be written there."""
+    try:
+        checkpoints.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"run folder '{folder}' is not writable ({exc.strerror}); set run.dir "
+                        "to a folder you can write") from None
+    lock = RunFolderLock(folder)
+    try:
+        lock.acquire()
+        probe = checkpoints / ".write-test"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as exc:
+        lock.release()
+        raise UserError(f"checkpoint folder '{checkpoints}' is not writable ({exc.strerror}); "
+                        "set run.dir to a folder you can write") from None
+    return lock
+
+
+def check_room(checkpoints: Path, checkpoint_bytes: int, keep: int) -> None:
+    """The ``keep`` checkpoints pruning leaves, and the one being written beside them, must fit
+    (files already there count as room, since they will be replaced)."""
+    present = sum(p.stat().st_size for p in checkpoints.glob("step-*.pt"))
+    free = shutil.disk_usage(checkpoints).free + present
+    need = (keep + 1) * checkpoint_bytes
+    if free < need:
+        raise UserError(f"only {free / 2**20:.1f} MiB free in '{checkpoints}' but {keep + 1} "
+                        f"checkpoints (run.keep_checkpoints + 1) need about {need / 2**20:.1f} "
+                        "MiB; free space, lower run.keep_checkpoints or set run.dir to another "
+                        "disk")
