@@ -4,18 +4,37 @@ Samples leave the loader at their stored size as uint8 (or float after CPU augme
 batch is resized and normalised on the training device, so on a GPU resizing costs no CPU time.
 Both columns build the same loader with the same seed, so they see the same batches: the split
 is of the model, not of the data.
+
+An image file that cannot be decoded travels through the loader as an :class:`UnreadableImage`
+in place of its sample, and the main process decides (``data.bad_images``) whether to stop,
+naming the file, or to drop it from its batch.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
+import os
+import signal
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, NamedTuple
 
+import PIL
 import torch
 import torchvision
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset, TensorDataset
+from torch.utils.data import (
+    DataLoader,
+    Dataset,
+    DistributedSampler,
+    Subset,
+    TensorDataset,
+    default_collate,
+)
+from torchvision.datasets.folder import find_classes
 from torchvision.transforms import v2
 
 from alexnet_mp.config import DataConfig
@@ -77,6 +96,8 @@ class SeededTransform(Dataset):
 
     def __getitem__(self, index: int):
         img, target = self.base[index]
+        if isinstance(img, UnreadableImage):
+            return img, target
         key = f"{self.seed}:{self.epoch}:{index}".encode()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int.from_bytes(hashlib.blake2b(key, digest_size=8).digest()) >> 1)
@@ -163,6 +184,70 @@ def _torchvision(cfg: DataConfig, test_tf: torch.nn.Module) -> tuple[Dataset, Da
                         "there by hand, or use data.name=mnist_sample (offline)") from None
 
 
+class UnreadableImage:
+    """Stands in for a sample whose file could not be decoded (see :func:`collate`)."""
+
+    __slots__ = ("path", "reason")
+
+    def __init__(self, path: str, reason: str) -> None:
+        self.path, self.reason = path, reason
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, PIL.UnidentifiedImageError):
+        # PIL's own text repeats the path inside a file object's repr.
+        return "not an image PIL can identify (corrupt, or not an image at all)"
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0][:200]}" if lines else type(exc).__name__
+
+
+class CheckedImageFolder(torchvision.datasets.ImageFolder):
+    """ImageFolder whose unreadable files come back as :class:`UnreadableImage` samples.
+
+    Raising instead would surface as a traceback from inside a loader worker, which a
+    DataLoader re-raises without the file's path (PIL's truncation errors do not name it).
+    Only the read is guarded: a file that decodes is transformed as usual.
+    """
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        path, target = self.samples[index]
+        try:
+            sample = self.loader(path)
+        except Exception as exc:  # any decoder failure; the main process reports or skips it
+            return UnreadableImage(path, _reason(exc)), target
+        if self.transform is not None:
+            sample = self.transform(sample)
+        if self.target_transform is not None:
+            target = self.target_transform(target)
+        return sample, target
+
+
+def _few(names: list[str], shown: int = 3) -> str:
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
+
+
+def _check_classes(root: Path) -> None:
+    """train/ and val/ must hold the same class folders.
+
+    ImageFolder numbers classes by the sorted folder names of each split on its own, so a class
+    missing from val/ shifts every later label (silently wrong accuracy), and an extra one
+    gives labels the model has no output for (an IndexError after a whole epoch).
+    """
+    train, _ = find_classes(str(root / "train"))
+    val, _ = find_classes(str(root / "val"))
+    if train == val:
+        return
+    missing = sorted(set(train) - set(val))
+    extra = sorted(set(val) - set(train))
+    diff = "; ".join(([f"missing from val/: {_few(missing)}"] if missing else [])
+                     + ([f"extra in val/: {_few(extra)}"] if extra else []))
+    raise UserError(f"data.name=imagefolder: {root / 'val'} and {root / 'train'} must hold the "
+                    f"same class folders, since labels are numbered by folder name ({diff}); "
+                    "give val/ a folder of images for each missing class and remove (or move to "
+                    "train/) each extra one")
+
+
 def _imagefolder(cfg: DataConfig, test_tf: torch.nn.Module) -> tuple[Dataset, Dataset]:
     root = Path(cfg.root)
     for part in ("train", "val"):
@@ -170,8 +255,10 @@ def _imagefolder(cfg: DataConfig, test_tf: torch.nn.Module) -> tuple[Dataset, Da
             raise UserError(f"data.name=imagefolder needs {root / part}/<class>/<image> folders; "
                             f"set data.root to the folder that holds train/ and val/")
     try:
-        return (torchvision.datasets.ImageFolder(str(root / "train")),
-                torchvision.datasets.ImageFolder(str(root / "val"), transform=test_tf))
+        # Before the (for ImageNet, long) scan of every file.
+        _check_classes(root)
+        return (CheckedImageFolder(str(root / "train")),
+                CheckedImageFolder(str(root / "val"), transform=test_tf))
     except FileNotFoundError as exc:
         raise UserError(f"data.name=imagefolder: {exc}") from None
 
@@ -228,16 +315,184 @@ def build_data(cfg: DataConfig, *, num_classes: int, in_channels: int, seed: int
     return Data(train, test, channels, classes, mean, std)
 
 
+class BadBatch(NamedTuple):
+    """A batch that had unreadable samples: the readable rest (None if there is none) and a
+    (path, reason) pair for each unreadable one.
+
+    A named tuple, so that pin_memory pins ``x`` and ``y`` and keeps the type.
+    """
+
+    x: torch.Tensor | None
+    y: torch.Tensor | None
+    bad: tuple[tuple[str, str], ...]
+
+
+def _is_bad(sample: Any) -> bool:
+    if not isinstance(sample, (tuple, list)) or not sample:
+        return False
+    return isinstance(sample[0], UnreadableImage)
+
+
+def collate(batch: list) -> Any:
+    """default_collate, or a :class:`BadBatch` when some samples are unreadable.
+
+    default_collate cannot stack an UnreadableImage, so the samples are only looked at when it
+    fails: a batch of readable samples costs exactly what default_collate costs.
+    """
+    try:
+        return default_collate(batch)
+    except Exception:
+        bad = tuple((s[0].path, s[0].reason) for s in batch if _is_bad(s))
+        if not bad:
+            raise
+    good = [s for s in batch if not _is_bad(s)]
+    x, y = default_collate(good) if good else (None, None)
+    return BadBatch(x, y, bad)
+
+
+def _exit_on_parent_sigterm(parents: frozenset[int]) -> None:
+    while True:
+        if signal.sigwaitinfo({signal.SIGTERM}).si_pid in parents:
+            os._exit(0)
+
+
+_STOP_SIGNALS = frozenset(getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGHUP")
+                          if hasattr(signal, name))
+_CAN_MASK = hasattr(signal, "pthread_sigmask")
+
+
+def _worker_init(main_pid: int, worker_id: int) -> None:
+    """Loader workers outlive a stop signal sent to the whole process group.
+
+    SLURM, torchrun and a terminal's Ctrl-C signal every process in the group. The main
+    process handles the signal (finishes the step, writes its stop checkpoint) and then ends
+    its workers through the DataLoader's own shutdown (a None on each index queue); a worker
+    that died of the signal first would fail that last step instead. The main process never
+    sends SIGINT or SIGHUP to a worker, so those are simply ignored.
+
+    SIGTERM cannot be ignored outright. The DataLoader does use it on its workers: its
+    shutdown terminate()s a worker that has not joined within MP_STATUS_CHECK_INTERVAL, and at
+    interpreter exit it skips its own shutdown and leaves daemonic workers to multiprocessing,
+    which terminate()s them and then joins them without a timeout. A worker ignoring SIGTERM
+    never returns from that join while an iterator is still referenced at exit (one held by a
+    traceback, say): the run hangs instead of exiting. torch's own worker SIGTERM handler
+    exits quietly when the parent sent the signal and dies otherwise; here the signal stays
+    blocked and a thread that sees the sender takes it, so the parent's SIGTERM still ends the
+    worker at once and anyone else's is dropped. Threads the worker starts later inherit the
+    blocked mask. Without sigwaitinfo (macOS, Windows) SIGTERM keeps torch's handler: a worker
+    that dies is an error the run reports, a hang is not.
+
+    The worker starts with these signals blocked (see :meth:`CheckedLoader.__iter__`), so one
+    that arrives before this function has run waits for it instead of killing the worker.
+    """
+    for name in ("SIGINT", "SIGHUP"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
+    unblock = set(_STOP_SIGNALS)
+    if _CAN_MASK and hasattr(signal, "sigwaitinfo"):
+        parents = frozenset({main_pid, os.getppid()})
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+        threading.Thread(target=_exit_on_parent_sigterm, args=(parents,), daemon=True,
+                         name="sigterm-from-parent").start()
+        unblock.discard(signal.SIGTERM)
+    if _CAN_MASK:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, unblock)
+
+
+class CheckedLoader(DataLoader):
+    """A DataLoader that reports unreadable images from the main process.
+
+    ``bad_images="stop"``: the first batch holding one raises a one-line :class:`UserError`
+    naming the file. ``"skip"``: the file is dropped from its batch (which comes out smaller;
+    the sampler's order and every batch's membership are unchanged, so ranks reading the same
+    batch agree and a resumed run sees the same batches) and ``(path, reason)`` is appended to
+    :attr:`bad_files`, which the caller reads and clears.
+    """
+
+    def __init__(self, *args: Any, bad_images: str = "stop", **kwargs: Any) -> None:
+        if bad_images not in ("stop", "skip"):
+            raise ValueError(f"bad_images must be 'stop' or 'skip', got {bad_images!r}")
+        super().__init__(*args, **kwargs)
+        self.bad_images = bad_images
+        self.bad_files: list[tuple[str, str]] = []
+
+    def __iter__(self) -> _CheckedIter:
+        if self.num_workers == 0 or not _CAN_MASK:
+            return _CheckedIter(self, super().__iter__())
+        # Workers are started here (every epoch) and inherit this thread's signal mask: a stop
+        # signal sent to the group while one is still starting would otherwise find torch's
+        # SIGTERM handler, or no handler at all, in place. This process gets its own copy of
+        # the signal when the mask is restored, a moment later.
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+        try:
+            inner = super().__iter__()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        return _CheckedIter(self, inner)
+
+    def _accept(self, batch: BadBatch) -> list[torch.Tensor]:
+        bad = [(str(path), str(reason)) for path, reason in batch.bad]
+        self.bad_files.extend(bad)
+        path, reason = bad[0]
+        others = f" ({len(bad) - 1} more unreadable in the same batch)" if len(bad) > 1 else ""
+        if self.bad_images == "stop":
+            raise UserError(f"cannot read image {path}: {reason}{others}; remove or replace the "
+                            "file, or set data.bad_images=skip to train without it")
+        if batch.x is None:
+            # An empty batch would turn into a NaN loss, and leaving it out would make the
+            # caller's step count disagree with the sampler's batches (and so with resume).
+            raise UserError(f"no image of a batch could be read ({len(bad)} files, the first "
+                            f"{path}: {reason}); data.bad_images=skip leaves out single files, "
+                            f"not whole batches: check the files under data.root")
+        return [batch.x, batch.y]
+
+
+class _CheckedIter:
+    """The DataLoader's iterator, with one type check per batch in the main process."""
+
+    def __init__(self, loader: CheckedLoader, inner: Iterator) -> None:
+        self._loader, self._inner = loader, inner
+
+    def __iter__(self) -> _CheckedIter:
+        return self
+
+    def __len__(self) -> int:
+        return len(self._inner)
+
+    def __next__(self) -> Any:
+        batch = next(self._inner)
+        if type(batch) is BadBatch:
+            try:
+                batch = self._loader._accept(batch)
+            except UserError:
+                # A traceback keeps this iterator alive; the DataLoader's iterator must go now,
+                # so that its workers are shut down rather than left to interpreter exit.
+                self._inner = iter(())
+                raise
+        return batch
+
+    def __getattr__(self, name: str) -> Any:
+        # The DataLoader iterator's own attributes (_workers, ...) for tests and debugging.
+        if name == "_inner":  # not set yet: no recursion
+            raise AttributeError(name)
+        return getattr(self._inner, name)
+
+
 def make_loader(dataset: Dataset, *, batch_size: int, shuffle: bool, seed: int,
                 num_workers: int, pin_memory: bool, replicas: int = 1,
-                replica: int = 0) -> DataLoader:
-    """A loader whose order depends only on (seed, epoch); ``replicas`` > 1 splits the data."""
+                replica: int = 0, bad_images: str = "stop") -> CheckedLoader:
+    """A loader whose order depends only on (seed, epoch); ``replicas`` > 1 splits the data.
+
+    ``bad_images`` ("stop" or "skip", as ``data.bad_images``): see :class:`CheckedLoader`.
+    """
     sampler = ResumableSampler(dataset, num_replicas=replicas, rank=replica, shuffle=shuffle,
                                seed=seed, drop_last=False)
     # Its own generator: drawing worker seeds must not move the global RNG that dropout uses.
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-                      pin_memory=pin_memory, drop_last=False,
-                      generator=torch.Generator().manual_seed(seed))
+    return CheckedLoader(dataset, batch_size=batch_size, sampler=sampler,
+                         num_workers=num_workers, pin_memory=pin_memory, drop_last=False,
+                         generator=torch.Generator().manual_seed(seed), collate_fn=collate,
+                         worker_init_fn=functools.partial(_worker_init, os.getpid()),
+                         bad_images=bad_images)
 
 
 def set_epoch(loader: DataLoader, epoch: int, skip_batches: int = 0) -> None:

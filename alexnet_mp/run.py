@@ -95,7 +95,8 @@ class Trainer:
         # train.batch_size is the global batch: replicas (or hybrid ranks) each take a share.
         common = dict(batch_size=layout.local_batch(cfg.train.batch_size), seed=cfg.train.seed,
                       num_workers=cfg.data.num_workers, pin_memory=pin,
-                      replicas=layout.data_shards, replica=layout.data_shard)
+                      replicas=layout.data_shards, replica=layout.data_shard,
+                      bad_images=cfg.data.bad_images)
         self.train_loader = make_loader(data.train, shuffle=True, **common)
         self.test_loader = make_loader(data.test, shuffle=False, **common)
         self.transform = BatchTransform(cfg.data.image_size, data.mean, data.std,
@@ -307,8 +308,23 @@ class Trainer:
         return {"stopped": name, "exit_code": guard.exit_code}
 
     def _evaluate(self, guard: StepGuard) -> dict | None:
-        return evaluate(self.model, self.test_loader, self.transform, self.precision, guard,
-                        targets=self.layout.loss_targets)
+        result = evaluate(self.model, self.test_loader, self.transform, self.precision, guard,
+                          targets=self.layout.loss_targets)
+        self._report_bad_files(self.test_loader)
+        return result
+
+    def _report_bad_files(self, loader) -> None:
+        """data.bad_images=skip: the files left out, named once an epoch and counted in the log."""
+        bad = getattr(loader, "bad_files", None)
+        if not bad:
+            return
+        split = "test" if loader is self.test_loader else "train"
+        self.warn(f"skipped {len(bad)} unreadable {split} image(s) (data.bad_images=skip), "
+                  f"first {bad[0][0]}: {bad[0][1]}")
+        self.log.write({"kind": "bad_images", "split": split, "epoch": self.state.epoch + 1,
+                        "step": self.state.global_step, "count": len(bad),
+                        "files": [path for path, _ in bad]})
+        bad.clear()
 
     def _run(self, guard: StepGuard) -> dict:
         cfg, layout = self.cfg, self.layout
@@ -345,6 +361,7 @@ class Trainer:
                 guard=guard, skip_nonfinite=cfg.train.nonfinite == "skip",
                 max_skipped=cfg.train.max_skipped, after_step=after_step,
                 targets=layout.loss_targets)
+            self._report_bad_files(self.train_loader)
             if guard.stopping:
                 return self._stopped(guard, saved=False)
             epoch = self.state.epoch + 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils.data import DataLoader
 
 from alexnet_mp.config import DataConfig
 from alexnet_mp.data import BatchTransform, build_data, make_loader, mnist_sample, set_epoch
@@ -52,6 +53,21 @@ def test_same_seed_same_batches_and_mid_epoch_skip(idx_root):
     assert all(torch.equal(a, b) for a, b in zip(full[2:], batches(skip=2)))
     assert len(batches(skip=2)) == len(full) - 2
     assert not all(torch.equal(a, b) for a, b in zip(full, batches(epoch=2)))
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_the_bad_image_checks_leave_tensor_batches_as_they_were(idx_root, num_workers):
+    data = build_data(DataConfig(name="mnist", root=str(idx_root)), num_classes=10,
+                      in_channels=1, seed=0)
+    loader = make_loader(data.train, batch_size=8, shuffle=True, seed=5,
+                         num_workers=num_workers, pin_memory=False, bad_images="skip")
+    set_epoch(loader, 1)
+    plain = DataLoader(data.train, batch_size=8, sampler=loader.sampler)
+    pairs = list(zip(loader, plain, strict=True))
+    assert len(pairs) == len(loader) == 6
+    for (x, y), (px, py) in pairs:
+        assert torch.equal(x, px) and torch.equal(y, py)
+    assert loader.bad_files == []
 
 
 def test_missing_data_says_where_to_put_it(tmp_path):
