@@ -1,12 +1,15 @@
-"""Entry point of the layout comparison: ``torchrun --nproc_per_node=2 launch/bench.py``.
+"""Entry point of the layout comparison: ``torchrun --nproc_per_node=N launch/bench.py``.
 
 It takes the training config (``--config``, ``section.key=value``) so that the benchmark runs the
-same work as the training job, and writes bench.json, bench.md and bench.png.
+same work as the training job, and writes bench.json, bench.md and bench.png. Without torchrun,
+``--scaling-table`` joins several runs' bench.json into one table and ``--analytic`` prints the
+traffic formula's figures; neither starts a process group.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -15,15 +18,41 @@ if str(ROOT) not in sys.path:  # a fresh clone runs without `pip install -e .` t
     sys.path.insert(0, str(ROOT))
 
 from alexnet_mp.errors import UserError  # noqa: E402
-from launch.common import run_entry  # noqa: E402
+from launch.common import report, run_entry  # noqa: E402
 
-DEFAULT_LAYOUTS = "d2l,grouped,split,split_overlap,ddp,hybrid"
+EPILOG = """\
+layouts by world size (torchrun --nproc_per_node=N; train.batch_size is the global batch):
+  1 rank   d2l, grouped (one device)
+  2 ranks  also split (2 columns x 1 replica), split_overlap, ddp (2 replicas), hybrid (over 2)
+  4 ranks  split = 2 columns x 2 replicas, ddp = 4 replicas, hybrid over 4; d2l and grouped run
+           on rank 0 alone with the threads of all the node's ranks
+Every run writes OUT/bench.json: per layout, images/s, exchange and all-reduce bytes per step
+per rank (counted from the tensors that moved, and from the architecture's formula: they are
+equal), per-rank peak memory.
+
+scaling table over 1, 2 and 4 ranks:
+  python launch/bench.py --layouts grouped --data synthetic --out runs/scale-1
+  torchrun --nproc_per_node=2 launch/bench.py --layouts split,ddp,hybrid --data synthetic \\
+      --out runs/scale-2
+  torchrun --nproc_per_node=4 launch/bench.py --layouts split,ddp,hybrid --data synthetic \\
+      --out runs/scale-4
+  python launch/bench.py --scaling-table runs/scale-{1,2,4}/bench.json [--out runs/scale]
+prints one markdown table ("x 1 rank": images/s against the 1-rank grouped run); with --out it
+also writes scaling.md and scaling.json (the runs' reports, in order) there.
+
+traffic formula only, e.g. at the paper's size for 2, 4 ... 32 ranks:
+  python launch/bench.py --analytic 2,4,8,16,32 model.num_classes=1000 model.in_channels=3 \\
+      data.image_size=227 train.batch_size=128
+"""
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="Compare AlexNet layouts on the same work.")
+    p = argparse.ArgumentParser(description="Compare AlexNet layouts on the same work.",
+                                epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="YAML file (default: configs/default.yaml)")
-    p.add_argument("--layouts", default=DEFAULT_LAYOUTS, help=f"default: {DEFAULT_LAYOUTS}")
+    p.add_argument("--layouts", default="auto",
+                   help="comma-separated: d2l, grouped, split, split_overlap, ddp, hybrid "
+                        "(default auto: every one this world size can run)")
     p.add_argument("--data", default="synthetic,loader",
                    help="synthetic (tensors on the device), loader (the real pipeline), or both")
     p.add_argument("--steps", type=int, default=8, help="timed steps per layout")
@@ -31,28 +60,75 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", help="output folder (default: runs/<config>-bench)")
     p.add_argument("--profile", action="store_true",
                    help="also write a torch.profiler table per layout and rank")
+    p.add_argument("--scaling-table", nargs="+", metavar="BENCH_JSON",
+                   help="join these runs' bench.json into one table, run nothing (no torchrun)")
+    p.add_argument("--analytic", metavar="WORLDS",
+                   help="comma-separated world sizes: print the bytes per rank and step the "
+                        "formula gives for the config, run nothing (no torchrun)")
     p.add_argument("overrides", nargs="*", metavar="section.key=value")
     return p.parse_args(argv)
 
 
+def scaling(paths: list[str], out: str | None) -> int:
+    from alexnet_mp.bench import scaling_table
+
+    try:
+        reports = []
+        for path in paths:
+            try:
+                report_ = json.loads(Path(path).read_text())
+                report_["results"]  # noqa: B018 - a bench.json has results
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                raise UserError(f"{path} is not a readable bench.json ({type(exc).__name__}); "
+                                "give the files launch/bench.py wrote") from None
+            reports.append(report_)
+        table = scaling_table(reports)
+    except UserError as exc:
+        return report(exc)
+    print(table)
+    if out:
+        folder = Path(out)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "scaling.md").write_text(table + "\n")
+        (folder / "scaling.json").write_text(json.dumps(reports, indent=1))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.scaling_table:
+        return scaling(args.scaling_table, args.out)
+
+    def analytic(cfg, open_layout) -> None:
+        from alexnet_mp.bench import analytic_table
+
+        try:
+            worlds = [int(w) for w in args.analytic.split(",") if w]
+        except ValueError:
+            worlds = []
+        if not worlds or min(worlds) < 2:
+            raise UserError(f"--analytic takes world sizes of 2 or more, such as 2,4,8; got "
+                            f"'{args.analytic}'")
+        print(analytic_table(cfg, worlds))
 
     def body(cfg, open_layout) -> None:
         modes = [m for m in args.data.split(",") if m]
         bad = [m for m in modes if m not in ("synthetic", "loader")]
-        if bad or args.steps < 1 or args.warmup < 0:
+        if bad or not modes or args.steps < 1 or args.warmup < 0:
             raise UserError("--data takes synthetic and/or loader, --steps >= 1, --warmup >= 0")
-        from alexnet_mp.bench import run_bench
+        from alexnet_mp.bench import layouts_for, run_bench
 
-        # The layout check is for training; the bench builds every layout itself.
+        # The process's own layout: its default group, device and threads. The bench builds
+        # each layout's mesh itself.
         layout = open_layout("alexnet_columns")
+        layouts = (layouts_for(layout.world_size) if args.layouts == "auto"
+                   else [n for n in args.layouts.split(",") if n])
         out = Path(args.out) if args.out else Path("runs") / f"{cfg.name}-bench"
         say = print if layout.is_main else (lambda *a, **k: None)
-        run_bench(cfg, layout, out, args.layouts.split(","), modes, args.steps, args.warmup,
+        run_bench(cfg, layout, out, layouts, modes, args.steps, args.warmup,
                   say=lambda s: say(s, flush=True), profile=args.profile)
 
-    return run_entry(args, body)
+    return run_entry(args, analytic if args.analytic else body)
 
 
 if __name__ == "__main__":

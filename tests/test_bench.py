@@ -1,4 +1,5 @@
-"""The benchmark at a tiny size: every layout and field, and counted bytes = analytic bytes."""
+"""The benchmark at a tiny size on 1, 2 and 4 ranks: every layout and field, and the bytes
+counted from the tensors that moved equal to the formula's, per rank and per kind of traffic."""
 
 from __future__ import annotations
 
@@ -6,23 +7,45 @@ import json
 import subprocess
 import sys
 
+import pytest
+import torch
 from conftest import ROOT
 
 FIELDS = ("images_per_s", "images_per_s_min", "images_per_s_max", "step_s", "compute_s",
-          "exchange_s", "optimizer_s", "bytes_counted", "bytes_analytic", "peak_memory_bytes",
-          "probe_flops", "exchange_fraction", "ranks")
+          "exchange_s", "allreduce_s", "optimizer_s", "bytes_counted", "bytes_analytic",
+          "exchange_bytes_counted", "exchange_bytes_analytic", "allreduce_bytes_counted",
+          "allreduce_bytes_analytic", "peak_memory_bytes", "peak_memory_bytes_per_rank",
+          "probe_flops", "exchange_fraction", "allreduce_fraction", "ranks", "mesh", "columns",
+          "replicas")
+TINY = ["model.width=0.125", "model.num_classes=10", "data.image_size=67", "train.batch_size=8"]
+
+
+def torchrun_bench(ranks: int, out, *args: str) -> dict:
+    """launch/bench.py under torchrun with ``ranks`` ranks; returns its bench.json."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc_per_node={ranks}", str(ROOT / "launch" / "bench.py"), "--out", str(out),
+           *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads((out / "bench.json").read_text())
+
+
+def assert_counted_equals_analytic(r: dict, ranks: int) -> None:
+    """Every rank's exchange and all-reduce bytes, counted, equal the formula's."""
+    for kind in ("exchange", "allreduce"):
+        counted = r[f"{kind}_bytes_counted_per_rank"]
+        assert len(counted) == ranks, (r["layout"], kind)
+        assert counted == r[f"{kind}_bytes_analytic_per_rank"], (r["layout"], r["mesh"], kind)
+    assert r["bytes_counted"] == r["bytes_analytic"]
+    assert len(r["peak_memory_bytes_per_rank"]) == ranks
 
 
 def test_bench_reports_every_layout_with_exact_exchange_bytes(idx_root, tmp_path):
     out = tmp_path / "bench"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(ROOT / "launch" / "bench.py"), "--steps", "2", "--warmup", "1", "--profile",
-           "--out", str(out), "model.width=0.125", "model.num_classes=10",
-           "data.name=mnist", f"data.root={idx_root}", "data.image_size=67",
-           "train.batch_size=8", "run.dir=" + str(tmp_path / "unused")]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    report = json.loads((out / "bench.json").read_text())
+    report = torchrun_bench(2, out, "--steps", "2", "--warmup", "1", "--profile", *TINY,
+                            "data.name=mnist", f"data.root={idx_root}",
+                            "run.dir=" + str(tmp_path / "unused"))
+    assert report["meta"]["world_size"] == 2
     results = {(r["layout"], r["data"]): r for r in report["results"]}
     layouts = ("d2l", "grouped", "split", "split_overlap", "ddp", "hybrid")
     assert set(results) == {(n, m) for n in layouts for m in ("synthetic", "loader")}
@@ -32,10 +55,17 @@ def test_bench_reports_every_layout_with_exact_exchange_bytes(idx_root, tmp_path
         assert r["images_per_s_min"] <= r["images_per_s"] <= r["images_per_s_max"]
         assert r["ranks"] == (1 if name in ("d2l", "grouped") else 2)
         # Counted from the tensors that moved, equal to the figure from the architecture.
-        assert r["bytes_counted"] == r["bytes_analytic"], (name, mode)
+        assert_counted_equals_analytic(r, r["ranks"])
         if mode == "synthetic":
             assert r["flops_step"] > 0 and 0 < r["flops_fraction"]
-    assert results[("split", "synthetic")]["bytes_counted"] > 0
+    assert results[("split", "synthetic")]["exchange_bytes_counted"] > 0
+    meshes = {name: results[(name, "loader")]["mesh"] for name in ("split", "ddp", "hybrid")}
+    assert meshes == {"split": "column split", "ddp": "data parallel, 2 replicas",
+                      "hybrid": "hybrid over 2 ranks"}
+    # One replica of columns has no gradient all-reduce; DDP has no exchange.
+    assert results[("split", "loader")]["allreduce_bytes_counted"] == 0
+    assert results[("ddp", "loader")]["exchange_bytes_counted"] == 0
+    assert results[("hybrid", "loader")]["allreduce_bytes_counted"] > 0
     # The split and DDP do the same model FLOPs per step as the grouped form on one device.
     grouped = results[("grouped", "synthetic")]["flops_step"]
     assert results[("split", "synthetic")]["flops_step"] == grouped
@@ -62,3 +92,122 @@ def test_flop_count_of_a_grouped_conv_equals_its_two_halves():
     with FlopCounterMode(display=False, custom_mapping=fixed) as one:
         torch.nn.Conv2d(6, 16, 5, padding=2)(half).sum().backward()
     assert grouped.get_total_flops() == 2 * one.get_total_flops()
+
+
+@pytest.fixture(scope="module")
+def four_ranks(tmp_path_factory) -> dict:
+    """One 4-rank run: the grouped reference on rank 0, 2 columns x 2 replicas, data parallel
+    over 4 and hybrid over 4, one synthetic step each (counts need no more)."""
+    out = tmp_path_factory.mktemp("bench4")
+    return torchrun_bench(4, out, "--layouts", "grouped,split,ddp,hybrid", "--data",
+                          "synthetic", "--steps", "1", "--warmup", "0", *TINY, "data.name=fake")
+
+
+def _by_layout(report: dict) -> dict[str, dict]:
+    return {r["layout"]: r for r in report["results"]}
+
+
+def test_two_columns_by_two_replicas_counts_what_the_formula_says(four_ranks):
+    assert four_ranks["meta"]["world_size"] == 4
+    r = _by_layout(four_ranks)["split"]
+    assert (r["mesh"], r["columns"], r["replicas"], r["ranks"]) == (
+        "2 columns x 2 replicas", 2, 2, 4)
+    assert_counted_equals_analytic(r, 4)
+    assert r["exchange_bytes_counted"] > 0 and r["allreduce_bytes_counted"] > 0
+    # Two replicas on half the batch each do the grouped form's FLOPs on the whole batch.
+    assert r["flops_step"] == _by_layout(four_ranks)["grouped"]["flops_step"]
+
+
+def test_hybrid_and_data_parallel_over_four_count_what_the_formula_says(four_ranks):
+    results = _by_layout(four_ranks)
+    hybrid, ddp = results["hybrid"], results["ddp"]
+    assert (hybrid["mesh"], hybrid["columns"], hybrid["replicas"]) == (
+        "hybrid over 4 ranks", 4, 1)
+    assert (ddp["mesh"], ddp["columns"], ddp["replicas"]) == ("data parallel, 4 replicas", 1, 4)
+    for r in (hybrid, ddp):
+        assert r["ranks"] == 4
+        assert_counted_equals_analytic(r, 4)
+        assert r["flops_step"] == results["grouped"]["flops_step"]
+    assert hybrid["exchange_bytes_counted"] > 0 and hybrid["allreduce_bytes_counted"] > 0
+    assert ddp["exchange_bytes_counted"] == 0
+    # The hybrid layout's point: only the trunk's gradients cross, far fewer than every one.
+    assert hybrid["bytes_counted"] < ddp["bytes_counted"]
+
+
+def _launch_bench():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("launch_bench", ROOT / "launch" / "bench.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_one_rank_then_the_scaling_table_joins_it_with_four(four_ranks, tmp_path, capsys):
+    launch = _launch_bench()
+    threads = torch.get_num_threads()
+    try:  # one rank needs no torchrun: in this process, as `python launch/bench.py` runs it
+        assert launch.main(["--layouts", "grouped", "--data", "synthetic", "--steps", "1",
+                            "--warmup", "0", "--out", str(tmp_path / "one"), *TINY,
+                            "data.name=fake", "run.threads=1"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    one = json.loads((tmp_path / "one" / "bench.json").read_text())
+    assert one["meta"]["world_size"] == 1
+    assert [(r["layout"], r["ranks"], r["mesh"]) for r in one["results"]] == [
+        ("grouped", 1, "single device")]
+    four = tmp_path / "four.json"
+    four.write_text(json.dumps(four_ranks))
+    capsys.readouterr()
+    assert launch.main(["--scaling-table", str(tmp_path / "one" / "bench.json"), str(four),
+                        "--out", str(tmp_path / "scale")]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table == (tmp_path / "scale" / "scaling.md").read_text().splitlines()
+    rows = [line.split(" | ") for line in table[2:]]
+    assert [(row[0].strip("| "), row[1], row[2]) for row in rows] == [
+        ("1", "grouped", "single device"), ("1 of 4", "grouped", "single device"),
+        ("4", "split", "2 columns x 2 replicas"), ("4", "ddp", "data parallel, 4 replicas"),
+        ("4", "hybrid", "hybrid over 4 ranks")]
+    assert rows[0][5] == "1.00"  # images/s against the 1-rank grouped run: itself
+    assert len(json.loads((tmp_path / "scale" / "scaling.json").read_text())) == 2
+
+
+def test_scaling_table_refuses_a_file_that_is_not_a_report(tmp_path, capsys):
+    bad = tmp_path / "bench.json"
+    bad.write_text("{}")
+    assert _launch_bench().main(["--scaling-table", str(bad)]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {bad} is not a readable bench.json")
+
+
+def test_layouts_a_world_size_cannot_run_are_refused_in_one_line():
+    from alexnet_mp.bench import check_layouts, layouts_for
+    from alexnet_mp.errors import UserError
+
+    assert layouts_for(1) == ["d2l", "grouped"]
+    assert layouts_for(3) == ["d2l", "grouped", "ddp", "hybrid"]
+    assert layouts_for(4) == ["d2l", "grouped", "split", "split_overlap", "ddp", "hybrid"]
+    with pytest.raises(UserError, match="split cannot run on 3 rank"):
+        check_layouts(["ddp", "split"], 3)
+    with pytest.raises(UserError, match="unknown bench layout"):
+        check_layouts(["pipeline"], 4)
+
+
+def test_the_formula_at_the_papers_size():
+    """The figures docs/scaling.md projects from: 227 px, global batch 128, 1000 classes."""
+    from alexnet_mp.bench import analytic_table, analytic_traffic
+    from alexnet_mp.config import load_config
+
+    cfg = load_config(None, ["model.num_classes=1000", "model.in_channels=3",
+                             "data.image_size=227", "train.batch_size=128"],
+                      default_path=ROOT / "configs" / "default.yaml")
+    params = 60_965_224  # the paper's two-column net
+    # Data parallel over 2: a ring all-reduce receives 2 (R-1)/R = 1 copy of every gradient.
+    assert analytic_traffic("ddp", cfg, 2) == (0, 4 * params)
+    split2, split4 = analytic_traffic("split", cfg, 2), analytic_traffic("split", cfg, 4)
+    # Per example and column: X1-X4 there and back (128·13² + 128·6² + 2·2048 floats), X5's 500.
+    assert split2 == (4 * 128 * (2 * (128 * 13 * 13 + 128 * 6 * 6 + 2048 + 2048) + 500), 0)
+    # A second replica halves each replica's batch, and averages one column's gradients.
+    assert split4.exchange * 2 == split2.exchange
+    assert split4.allreduce == analytic_traffic("split", cfg, 4, rank=1).allreduce
+    assert 2 * split4.allreduce == 4 * params  # both columns' halves of the gradients: all
+    assert "60,965,224 parameters" in analytic_table(cfg, [2, 4])

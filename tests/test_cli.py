@@ -120,17 +120,36 @@ def test_unwritable_run_folder(trained, tmp_path, capsys):
     assert "is not writable" in one_error_line(capsys.readouterr().err)
 
 
-@pytest.mark.parametrize("env, words", [
-    ({"WORLD_SIZE": "3", "RANK": "0"}, "world size 3 is not supported"),
-    ({"WORLD_SIZE": "2", "RANK": "0"}, "cannot be split over 2 ranks"),
+@pytest.mark.parametrize("world, extra, words", [
+    ("3", {"model.name": "alexnet_columns"}, "3 rank(s) cannot hold two columns per replica"),
+    ("2", {"model.name": "alexnet_d2l", "parallel.columns": 2}, "cannot be split into columns"),
+    ("4", {"model.name": "alexnet_columns", "parallel.columns": 3},
+     "parallel.columns=3 is not supported"),
+    ("1", {"model.name": "alexnet_columns", "parallel.layout": "hybrid"},
+     "hybrid splits the FC layers over several ranks"),
 ])
-def test_world_sizes_the_layout_cannot_use(trained, monkeypatch, capsys, env, words):
+def test_world_sizes_the_layout_cannot_use(trained, monkeypatch, capsys, world, extra, words):
     tmp, root, _ = trained
-    for k, v in env.items():
-        monkeypatch.setenv(k, v)
-    args = small_overrides(root, tmp / "run", **{"model.name": "alexnet_d2l"})
+    monkeypatch.setenv("WORLD_SIZE", world)
+    monkeypatch.setenv("RANK", "0")
+    args = small_overrides(root, tmp / "run", **extra)
     assert launch.main(args) == 2
     assert words in one_error_line(capsys.readouterr().err)
+
+
+def test_print_shapes_into_a_closed_pipe_is_quiet():
+    """`--print-shapes | head -1`: the reader leaves early. `true` leaves before Python has even
+    imported torch, so the write always meets a closed pipe; stderr is what we check."""
+    script = ROOT / "launch" / "train.py"
+    proc = subprocess.run(f"{sys.executable} {script} --print-shapes | true", shell=True,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.stderr == "", proc.stderr
+
+
+def test_a_folder_as_config_is_named(tmp_path):
+    proc = run_cli(["--config", str(tmp_path)])
+    assert proc.returncode == 2
+    assert "is a folder; pass --config with a YAML file" in one_error_line(proc.stderr)
 
 
 def test_an_error_on_one_rank_stops_both_without_a_hang(trained, tmp_path):
@@ -188,9 +207,11 @@ def test_torchrun_split_and_grouped_checkpoints_round_trip(idx_root, tmp_path):
 
 
 def test_torchrun_bad_input_prints_our_line_once(tmp_path):
-    proc = run_cli(["model.name=alexnet_d2l", f"run.dir={tmp_path / 'r'}"], torchrun=2)
+    proc = run_cli(["model.name=alexnet_d2l", "parallel.columns=2", f"run.dir={tmp_path / 'r'}"],
+                   torchrun=2)
     assert proc.returncode != 0
     ours = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
-    assert ours == ["error: model.name=alexnet_d2l runs on one device and cannot be split over "
-                    "2 ranks; use model.name=alexnet_columns or --nproc_per_node=1"]
+    assert ours == ["error: model.name=alexnet_d2l cannot be split into columns; set "
+                    "parallel.columns=1 (the whole model on every rank, data parallel) or "
+                    "model.name=alexnet_columns"]
     assert "[rank0]: Traceback" not in proc.stderr and "[rank1]: Traceback" not in proc.stderr

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from conftest import ROOT
 
@@ -74,3 +76,36 @@ def test_unknown_key_in_file_is_named_with_its_file(tmp_path):
     bad.write_text("train:\n  epocs: 3\n")
     with pytest.raises(UserError, match="did you mean 'train.epochs'"):
         load_config(bad)
+
+
+def test_numbers_in_scientific_notation_parse(tmp_path):
+    cfg = load_config(None, ["train.lr=1e-3", "train.weight_decay=5E-4"])
+    assert cfg.train.lr == 0.001 and cfg.train.weight_decay == 0.0005
+    path = tmp_path / "sci.yaml"
+    path.write_text("train:\n  lr: 1e-3\n  weight_decay: 5e-4\n  momentum: .9\n")
+    cfg = load_config(path)
+    assert (cfg.train.lr, cfg.train.weight_decay, cfg.train.momentum) == (0.001, 0.0005, 0.9)
+    with pytest.raises(UserError, match="'train.lr' must be a number, got 'fast'"):
+        load_config(None, ["train.lr=fast"])
+    with pytest.raises(UserError, match="'train.lr' must be a finite number"):
+        load_config(None, ["train.lr=.inf"])
+
+
+@pytest.mark.parametrize("text, words", [
+    ("train:\n  lr: 0.1\n  lr: 0.2\n", "has the key 'lr' twice (lines 2 and 3)"),
+    ("train:\n  lr: 0.1\nrun:\n  log_every: 5\ntrain:\n  epochs: 2\n",
+     "has the section 'train' twice (lines 1 and 5)"),
+])
+def test_duplicate_keys_and_sections_are_refused(tmp_path, text, words):
+    path = tmp_path / "dup.yaml"
+    path.write_text(text)
+    with pytest.raises(UserError, match=re.escape(words)):
+        load_config(path)
+
+
+def test_the_resume_key_lists_name_real_keys():
+    """A renamed key must not silently fall out of the keys fixed on resume."""
+    from alexnet_mp.config import FIXED_ON_RESUME, SILENT_ON_RESUME, Config, _flat
+
+    keys = set(_flat(Config().to_dict()))
+    assert set(FIXED_ON_RESUME) <= keys and set(SILENT_ON_RESUME) <= keys
