@@ -105,15 +105,43 @@ class SeededTransform(Dataset):
 
 
 class ResumableSampler(DistributedSampler):
-    """DistributedSampler that can start an epoch part-way, for exact mid-epoch resume."""
+    """DistributedSampler that can start an epoch part-way, for exact mid-epoch resume.
+
+    With ``mark_padding``, the indices DistributedSampler repeats so that every replica gets as
+    many samples (the replicas run their batches in lockstep) come out as ``len(dataset) +
+    index``; :class:`PaddingMarked` turns them into samples labelled -1, which evaluation leaves
+    out of its figures, so every example counts exactly once whatever the number of replicas.
+    """
 
     skip = 0
+    mark_padding = False
 
     def __iter__(self):
-        return itertools.islice(super().__iter__(), self.skip, None)
+        indices = super().__iter__()
+        if self.mark_padding:
+            n, first, step = len(self.dataset), self.rank, self.num_replicas
+            indices = (i if first + j * step < n else n + i for j, i in enumerate(indices))
+        return itertools.islice(indices, self.skip, None)
 
     def __len__(self) -> int:
-        return super().__len__() - self.skip
+        return max(0, super().__len__() - self.skip)
+
+
+class PaddingMarked(Dataset):
+    """``dataset`` whose indices past its end are padding: the same sample, labelled -1."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        n = len(self.dataset)
+        if index < n:
+            return self.dataset[index]
+        img, _ = self.dataset[index - n]
+        return img, -1
 
 
 @dataclass
@@ -480,13 +508,18 @@ class _CheckedIter:
 
 def make_loader(dataset: Dataset, *, batch_size: int, shuffle: bool, seed: int,
                 num_workers: int, pin_memory: bool, replicas: int = 1,
-                replica: int = 0, bad_images: str = "stop") -> CheckedLoader:
+                replica: int = 0, bad_images: str = "stop",
+                mark_padding: bool = False) -> CheckedLoader:
     """A loader whose order depends only on (seed, epoch); ``replicas`` > 1 splits the data.
 
     ``bad_images`` ("stop" or "skip", as ``data.bad_images``): see :class:`CheckedLoader`.
+    ``mark_padding``: label the samples repeated to even out the replicas -1 (evaluation).
     """
+    if mark_padding and replicas > 1:
+        dataset = PaddingMarked(dataset)
     sampler = ResumableSampler(dataset, num_replicas=replicas, rank=replica, shuffle=shuffle,
                                seed=seed, drop_last=False)
+    sampler.mark_padding = mark_padding and replicas > 1
     # Its own generator: drawing worker seeds must not move the global RNG that dropout uses.
     return CheckedLoader(dataset, batch_size=batch_size, sampler=sampler,
                          num_workers=num_workers, pin_memory=pin_memory, drop_last=False,
@@ -500,7 +533,7 @@ def set_epoch(loader: DataLoader, epoch: int, skip_batches: int = 0) -> None:
     loader.sampler.set_epoch(epoch)
     loader.sampler.skip = skip_batches * loader.batch_size
     dataset = loader.dataset
-    while isinstance(dataset, Subset):
+    while isinstance(dataset, (Subset, PaddingMarked)):
         dataset = dataset.dataset
     if isinstance(dataset, SeededTransform):
         dataset.epoch = epoch

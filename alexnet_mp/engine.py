@@ -91,14 +91,16 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
                     max_skipped: int = 10,
                     on_log: Callable[[dict], None] = lambda r: None,
                     after_step: Callable[[TrainState], None] = lambda s: None,
-                    targets: Callable[[torch.Tensor], torch.Tensor] = lambda y: y) -> dict:
+                    targets: Callable[[torch.Tensor], torch.Tensor] = lambda y: y,
+                    reduce: Callable[[torch.Tensor], torch.Tensor] = lambda t: t) -> dict:
     """Train from batch ``state.step`` of epoch ``state.epoch`` to its end, ``max_steps``, or
     until the guard says every rank is stopping.
 
     A step whose loss or gradients are not finite on some rank is never applied: the run stops
     with :class:`NonFiniteError` or, with ``skip_nonfinite``, goes on to the next batch (until
     ``max_skipped`` such steps in a row). ``targets`` maps this rank's labels to those of the
-    logits the model returns (a layout that gathers the batch gathers its labels). Step records
+    logits the model returns (a layout that gathers the batch gathers its labels); ``reduce``
+    sums the step's figures over replicas, which each see their own share. Step records
     are logged every ``log_every`` steps and at the epoch's end only, so an interrupted and
     resumed run logs the same records as a straight one. Returns the epoch's loss and accuracy
     (over the whole epoch so far, resumed part included) and images/s over the batches run
@@ -138,17 +140,20 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
                     "is kept: lower train.lr (a resumed run may change it) or check the data",
                     loss_at_step=state.global_step + 1)
             optimizer.zero_grad(set_to_none=True)
+            step_loss = float("nan")
             on_log({"kind": "skipped", "epoch": state.epoch + 1, "step": state.global_step + 1})
         else:
             state.skipped_in_row = 0
             # Read after the guard's sync and before the optimizer's kernels: no extra wait.
-            batch_loss, batch_correct = torch.stack([
-                loss.detach().float() * n, (logits.detach().argmax(dim=1) == y).sum().float()
-            ]).tolist()
+            figures = reduce(torch.stack([
+                loss.detach().float() * n, (logits.detach().argmax(dim=1) == y).sum().float(),
+                torch.tensor(float(n), device=loss.device)]))
+            batch_loss, batch_correct, batch_seen = figures.tolist()
             precision.step(optimizer)
             state.loss_sum += batch_loss
             state.correct += int(batch_correct)
-            state.seen += n
+            state.seen += int(batch_seen)
+            step_loss = batch_loss / max(batch_seen, 1)
         seen_here += n
         window_seen += n
         state.step += 1
@@ -159,7 +164,7 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
         if state.global_step % log_every == 0 or state.step == total:
             now = time.perf_counter()
             record = {"kind": "step", "epoch": state.epoch + 1, "step": state.global_step,
-                      "loss": loss.item(), "lr": optimizer.param_groups[0]["lr"],
+                      "loss": step_loss, "lr": optimizer.param_groups[0]["lr"],
                       "images_per_s": window_seen / max(now - window_start, 1e-9)}
             window_start, window_seen = now, 0
             bar.set_postfix(loss=f"{record['loss']:.3f}",
@@ -180,8 +185,12 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: DataLoader, transform: nn.Module,
              precision: Precision, guard: StepGuard | None = None,
-             targets: Callable[[torch.Tensor], torch.Tensor] = lambda y: y) -> dict | None:
+             targets: Callable[[torch.Tensor], torch.Tensor] = lambda y: y,
+             reduce: Callable[[torch.Tensor], torch.Tensor] = lambda t: t) -> dict | None:
     """Top-1, top-5 and loss over every test example (each rank runs every batch in lockstep).
+
+    Samples labelled -1 are a sampler's padding (replicas must run as many batches) and are left
+    out; ``reduce`` sums the figures over replicas, so each example counts exactly once.
 
     With a ``guard``, a stop request (SIGTERM, Ctrl-C) abandons the evaluation after the batch in
     flight and returns None: a long evaluation must not outlast a scheduler's grace period.
@@ -191,18 +200,19 @@ def evaluate(model: nn.Module, loader: DataLoader, transform: nn.Module,
     loss_sum = torch.zeros((), device=device)
     top1 = torch.zeros((), device=device, dtype=torch.long)
     top5 = torch.zeros((), device=device, dtype=torch.long)
-    seen = 0
+    seen = torch.zeros((), device=device, dtype=torch.long)
     for x, y in loader:
         x = transform(x.to(device, non_blocking=True))
         y = targets(y.to(device, non_blocking=True))
         with precision.autocast():
             logits = model(x).float()
-        loss_sum += F.cross_entropy(logits, y, reduction="sum")
+        loss_sum += F.cross_entropy(logits, y, reduction="sum", ignore_index=-1)
         top1 += _topk_correct(logits, y, 1)
         top5 += _topk_correct(logits, y, 5)
-        seen += y.shape[0]
+        seen += (y >= 0).sum()
         if guard is not None and guard.poll():
             return None
-    seen = max(seen, 1)
-    return {"test_loss": (loss_sum / seen).item(), "test_acc": top1.item() / seen,
-            "test_top5": top5.item() / seen}
+    loss, top1, top5, seen = reduce(torch.stack([loss_sum, top1.float(), top5.float(),
+                                                 seen.float()])).tolist()
+    return {"test_loss": loss / max(seen, 1), "test_acc": top1 / max(seen, 1),
+            "test_top5": top5 / max(seen, 1), "test_images": int(seen)}

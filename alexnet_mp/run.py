@@ -98,7 +98,7 @@ class Trainer:
                       replicas=layout.data_shards, replica=layout.data_shard,
                       bad_images=cfg.data.bad_images)
         self.train_loader = make_loader(data.train, shuffle=True, **common)
-        self.test_loader = make_loader(data.test, shuffle=False, **common)
+        self.test_loader = make_loader(data.test, shuffle=False, mark_padding=True, **common)
         self.transform = BatchTransform(cfg.data.image_size, data.mean, data.std,
                                         cfg.train.channels_last).to(layout.device)
         self.model = build_model(cfg.model, cfg.data.image_size, layout, cfg.train.seed)
@@ -132,6 +132,8 @@ class Trainer:
         ckpt.check_fits(saved, model_family(self.cfg.model.name),
                         ckpt.canonical_shapes(self.model), path)
         fixed, free = resume_changes(saved.get("config", {}), self.cfg)
+        if self.cfg.train.eval_only:  # evaluating trains nothing: only the shapes must fit
+            fixed, free = [], fixed + free
         if fixed:
             raise UserError(f"checkpoint '{path}' was written with a different {fixed[0]}"
                             f"{f' (and {len(fixed) - 1} more)' if len(fixed) > 1 else ''}; such "
@@ -176,18 +178,40 @@ class Trainer:
         if self.precision.scaler is not None and saved.get("scaler"):
             self.precision.scaler.load_state_dict(saved["scaler"])
         self.state = TrainState(**saved["train"])
-        rng = saved["rng"]
-        torch.set_rng_state(rng["torch"])
-        if hasattr(self.model, "generator") and "dropout" in rng:
-            self.model.generator.set_state(rng["dropout"])
-        if self.layout.device.type == "cuda" and "cuda" in rng:
-            torch.cuda.set_rng_state(rng["cuda"], self.layout.device)
+        self._restore_rng(saved["rng"])
         if "log_records" in saved and not self.cfg.train.eval_only:
             self.log.truncate(saved["log_records"])
         self.resumed_from, self.resumed_step = path, self.state.global_step
         self._record_start(path, saved_cfg=saved.get("config"))
         self.say(f"resumed from {path} (epoch {self.state.epoch + 1}, batch {self.state.step}, "
                  f"step {self.state.global_step})", flush=True)
+
+    def _rng_state(self) -> dict[str, Any]:
+        rng: dict[str, Any] = {"torch": torch.get_rng_state()}
+        if hasattr(self.model, "generator"):
+            rng["dropout"] = self.model.generator.get_state()
+        if self.layout.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.layout.device)
+        return rng
+
+    def _restore_rng(self, saved: dict[str, Any]) -> None:
+        """Each replica takes its own RNG states back (dropout masks differ between replicas).
+        A replica the checkpoint did not have (more ranks than before) starts fresh streams
+        from the seed, the replica and the step, so the run stays reproducible."""
+        states = saved.get("replicas", [saved])  # format 1 kept one state
+        replica = self.layout.replica
+        if replica < len(states):
+            rng = states[replica]
+            torch.set_rng_state(rng["torch"])
+            if hasattr(self.model, "generator") and "dropout" in rng:
+                self.model.generator.set_state(rng["dropout"])
+            if self.layout.device.type == "cuda" and "cuda" in rng:
+                torch.cuda.set_rng_state(rng["cuda"], self.layout.device)
+            return
+        fresh = self.cfg.train.seed + 1_000_003 * replica + self.state.global_step
+        torch.manual_seed(fresh)
+        if hasattr(self.model, "generator"):
+            self.model.generator.manual_seed(fresh + 1)
 
     def _apply_changed_hyperparameters(self, saved: dict[str, Any]) -> None:
         """A resumed run that changes train.lr scales the schedule's rates by new/old, so a rate
@@ -234,20 +258,21 @@ class Trainer:
         with peer_errors("gathering the checkpoint"):
             model = ckpt.model_state(self.model, self.layout)
             optimizer = ckpt.optimizer_state(self.model, self.optimizer, self.layout)
+            rng = [self._rng_state()]
+            if self.layout.distributed:
+                rng = [None] * self.layout.world_size
+                dist.all_gather_object(rng, self._rng_state())
+        # The first rank of each replica speaks for it: its columns draw alike.
+        replicas = {"replicas": rng[::self.layout.columns][:self.layout.replicas]}
         error = None
         if self.layout.is_main:
             try:
-                self._write(model, optimizer, best)
+                self._write(model, optimizer, replicas, best)
             except UserError as exc:
                 error = exc
         self._agree(error)
 
-    def _write(self, model: dict, optimizer: dict, best: bool) -> None:
-        rng: dict[str, Any] = {"torch": torch.get_rng_state()}
-        if hasattr(self.model, "generator"):
-            rng["dropout"] = self.model.generator.get_state()
-        if self.layout.device.type == "cuda":
-            rng["cuda"] = torch.cuda.get_rng_state(self.layout.device)
+    def _write(self, model: dict, optimizer: dict, rng: dict, best: bool) -> None:
         state = {"format": ckpt.FORMAT, "model_name": model_family(self.cfg.model.name),
                  "model": model, "optimizer": optimizer, "train": self.state.to_dict(),
                  "scheduler": self.scheduler.state_dict() if self.scheduler else None,
@@ -309,9 +334,16 @@ class Trainer:
 
     def _evaluate(self, guard: StepGuard) -> dict | None:
         result = evaluate(self.model, self.test_loader, self.transform, self.precision, guard,
-                          targets=self.layout.loss_targets)
+                          targets=self.layout.loss_targets, reduce=self._sum_over_replicas)
         self._report_bad_files(self.test_loader)
         return result
+
+    def _sum_over_replicas(self, t: torch.Tensor) -> torch.Tensor:
+        """Replicas see different examples; the columns of one replica see the same ones."""
+        if self.layout.replicas > 1:
+            with peer_errors("summing the figures over replicas"):
+                dist.all_reduce(t, group=self.layout.replica_group)
+        return t
 
     def _report_bad_files(self, loader) -> None:
         """data.bad_images=skip: the files left out, named once an epoch and counted in the log."""
@@ -360,7 +392,7 @@ class Trainer:
                 show_bar=layout.is_main and cfg.run.progress, on_log=self.log.write,
                 guard=guard, skip_nonfinite=cfg.train.nonfinite == "skip",
                 max_skipped=cfg.train.max_skipped, after_step=after_step,
-                targets=layout.loss_targets)
+                targets=layout.loss_targets, reduce=self._sum_over_replicas)
             self._report_bad_files(self.train_loader)
             if guard.stopping:
                 return self._stopped(guard, saved=False)

@@ -24,8 +24,8 @@ EPILOG = """\
 layouts by world size (torchrun --nproc_per_node=N; train.batch_size is the global batch):
   1 rank   d2l, grouped (one device)
   2 ranks  also split (2 columns x 1 replica), split_overlap, ddp (2 replicas), hybrid (over 2)
-  4 ranks  split = 2 columns x 2 replicas, ddp = 4 replicas, hybrid over 4; d2l and grouped run
-           on rank 0 alone with the threads of all the node's ranks
+  4 ranks  split = 2 columns x 2 replicas, ddp = 4 replicas, hybrid over 4
+d2l and grouped always run on rank 0 alone (on a CPU, with the threads of all the node's ranks).
 Every run writes OUT/bench.json: per layout, images/s, exchange and all-reduce bytes per step
 per rank (counted from the tensors that moved, and from the architecture's formula: they are
 equal), per-rank peak memory.
@@ -77,10 +77,13 @@ def scaling(paths: list[str], out: str | None) -> int:
         for path in paths:
             try:
                 report_ = json.loads(Path(path).read_text())
-                report_["results"]  # noqa: B018 - a bench.json has results
-            except (OSError, ValueError, KeyError, TypeError) as exc:
-                raise UserError(f"{path} is not a readable bench.json ({type(exc).__name__}); "
-                                "give the files launch/bench.py wrote") from None
+                why = None if isinstance(report_, dict) and isinstance(
+                    report_.get("results"), list) else "no results"
+            except (OSError, ValueError) as exc:
+                why = type(exc).__name__
+            if why is not None:
+                raise UserError(f"{path} is not a readable bench.json ({why}); give the files "
+                                "launch/bench.py wrote")
             reports.append(report_)
         table = scaling_table(reports)
     except UserError as exc:
