@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +35,16 @@ class MetricsLog:
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as exc:
+            # Only rank 0 writes here: failing would leave the other ranks waiting in the next
+            # collective. The run goes on; a checkpoint that cannot be written then stops every
+            # rank together, in one line.
+            _warn_once(f"could not write to '{self.path}' ({exc.strerror}); training goes on "
+                       "without these lines")
+            return
         self.records += 1
 
     def truncate(self, records: int) -> None:
@@ -49,10 +58,22 @@ class MetricsLog:
         self.records = len(kept)
 
 
+_warned: set[str] = set()
+
+
+def _warn_once(text: str) -> None:
+    if text not in _warned:
+        _warned.add(text)
+        print(f"warning: {text}", file=sys.stderr, flush=True)
+
+
 def append_json(path: Path, record: dict[str, Any]) -> None:
     """One line of a run folder's history (starts, resumes, stops, and the config each used)."""
-    with open(path, "a") as f:
-        f.write(json.dumps(record, default=str) + "\n")
+    try:
+        with open(path, "a") as f:
+            f.write(json.dumps(record, default=str) + "\n")
+    except OSError as exc:
+        _warn_once(f"could not write to '{path}' ({exc.strerror})")
 
 
 def read_log(path: Path) -> list[dict[str, Any]]:
@@ -86,6 +107,11 @@ def plot_curves(log_path: Path, png_path: Path) -> None:
         ax.legend()
     fig.tight_layout()
     tmp = png_path.with_name(f".{png_path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(png_path)
+    try:
+        fig.savefig(tmp, dpi=100)
+        tmp.replace(png_path)
+    except OSError as exc:  # a full disk must not end the run here, on rank 0 alone
+        tmp.unlink(missing_ok=True)
+        _warn_once(f"could not draw '{png_path}' ({exc.strerror})")
+    finally:
+        plt.close(fig)

@@ -59,11 +59,15 @@ class Trainer:
         except UserError as exc:
             error = exc
         self._agree(error)
+        error = None
         try:
             self._resume()
+        except UserError as exc:
+            error = exc
         except BaseException:
             self.close()
             raise
+        self._agree(error)
 
     def warn(self, text: str) -> None:
         if self.layout.is_main:
@@ -243,7 +247,11 @@ class Trainer:
             "step": self.state.global_step, "resumed_from": str(path) if path else None,
             "changed": changes, "config": self.cfg.to_dict()})
         if not self.cfg.train.eval_only:
-            dump_config(self.cfg, self.out / "config.yaml")
+            try:
+                dump_config(self.cfg, self.out / "config.yaml")
+            except OSError as exc:
+                raise UserError(f"could not write '{self.out / 'config.yaml'}' "
+                                f"({exc.strerror}); free space or set run.dir") from None
 
     # -- checkpoints -------------------------------------------------------------------------
     def save(self, best: bool = False) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -59,3 +60,12 @@ def run_cli(args: list[str], *, torchrun: int | None = None, timeout: float = 24
     else:
         cmd = [sys.executable, script, *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=cwd or ROOT)
+
+
+def wait_for(predicate, timeout: float = 180, what: str = "") -> None:
+    """Poll ``predicate`` until it holds; the timeout is a generous bound, never a measurement."""
+    end = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)

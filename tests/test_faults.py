@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, run_cli, small_overrides
+from conftest import ROOT, run_cli, small_overrides, wait_for
 from ranks import free_port
 
 from alexnet_mp import checkpoint as ckpt
@@ -22,14 +22,6 @@ from alexnet_mp.parallel.layout import setup_layout
 from alexnet_mp.run import Trainer
 
 SCRIPT = str(ROOT / "launch" / "train.py")
-
-
-def _wait_for(predicate, timeout: float = 120, what: str = "") -> None:
-    end = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 def _logged_steps(run: Path) -> int:
@@ -69,7 +61,7 @@ def test_sigterm_to_one_rank_stops_both_at_the_same_step(idx_root, tmp_path):
     procs = _ranks(small_overrides(idx_root, run, **{"model.name": "alexnet_columns",
                                                       "train.epochs": 100000}))
     try:
-        _wait_for(lambda: _logged_steps(run) >= 2, what="training to start")
+        wait_for(lambda: _logged_steps(run) >= 2, what="training to start")
         procs[1].send_signal(signal.SIGTERM)
         outs = [p.communicate(timeout=120) for p in procs]
     finally:
@@ -86,11 +78,11 @@ def test_a_stalled_peer_ends_the_survivor_within_the_timeout(idx_root, tmp_path)
     procs = _ranks(small_overrides(idx_root, run, **{"model.name": "alexnet_columns",
                                                       "train.epochs": 50, "run.timeout_s": 4}))
     try:
-        _wait_for(lambda: _logged_steps(run) >= 2, what="training to start")
+        wait_for(lambda: _logged_steps(run) >= 2, what="training to start")
         procs[1].send_signal(signal.SIGSTOP)
         start = time.monotonic()
         out, err = procs[0].communicate(timeout=60)
-        assert time.monotonic() - start < 4 + 20
+        assert time.monotonic() - start < 4 + 60  # the timeout, plus a busy machine's margin
         assert procs[0].returncode == 3, err
         line = [x for x in err.splitlines() if x.startswith("error: ")]
         assert line and "rank 0: the other rank stopped answering at step" in line[0], err
@@ -150,7 +142,7 @@ def test_a_kill_during_a_checkpoint_write_leaves_the_previous_one(tmp_path):
         "big = {'format': c.FORMAT, 'model': {'w': torch.zeros(64, 1024, 1024)}}\n"
         "while True: c.save_atomic(big, __import__('pathlib').Path(sys.argv[1]))\n"), str(path)])
     tmp = path.with_name(f".{path.name}.tmp")
-    _wait_for(lambda: tmp.exists() and tmp.stat().st_size > 1 << 20, what="the write to start")
+    wait_for(lambda: tmp.exists() and tmp.stat().st_size > 1 << 20, what="the write to start")
     writer.kill()
     writer.wait()
     state = ckpt.load(path)  # the old file, whole, never a half-written one

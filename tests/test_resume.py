@@ -11,12 +11,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, run_cli, small_overrides
+from conftest import ROOT, run_cli, small_overrides, wait_for
 
 from alexnet_mp import checkpoint as ckpt
 from alexnet_mp.config import load_config
@@ -111,14 +110,6 @@ def _spawn(args: list[str], **popen) -> subprocess.Popen:
                             stderr=subprocess.PIPE, text=True, **popen)
 
 
-def _wait_for(predicate, timeout: float = 180, what: str = "") -> None:
-    end = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
-
-
 def _newest_step(run: Path) -> int:
     files = ckpt.step_files(run / "checkpoints")
     return int(files[0].name[5:13]) if files else -1
@@ -138,7 +129,7 @@ def test_a_signal_to_the_process_group_with_loader_workers_saves_and_resumes_exa
     run = tmp_path / "stopped"
     proc = _spawn(_forever(idx_root, run, **extra), start_new_session=True)
     try:
-        _wait_for(lambda: _newest_step(run) >= 6, what="the first epoch")
+        wait_for(lambda: _newest_step(run) >= 6, what="the first epoch")
         os.killpg(proc.pid, sig)
         out, err = proc.communicate(timeout=120)
     finally:
@@ -239,12 +230,12 @@ def test_torchrun_restarts_a_killed_rank_and_sigterm_to_torchrun_resumes_exactly
          "--max-restarts=1", SCRIPT, *_forever(idx_root, run, **extra)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        _wait_for(lambda: _newest_step(run) >= 8, what="a checkpoint in epoch 2")
+        wait_for(lambda: _newest_step(run) >= 8, what="a checkpoint in epoch 2")
         os.kill(_workers_of(agent)[1], signal.SIGKILL)
-        _wait_for(lambda: len(_starts(run)) >= 2, what="torchrun's restart")
+        wait_for(lambda: len(_starts(run)) >= 2, what="torchrun's restart")
         restarted_at = _starts(run)[1]["step"]
         assert restarted_at >= 8
-        _wait_for(lambda: _newest_step(run) > restarted_at, what="a checkpoint after the restart")
+        wait_for(lambda: _newest_step(run) > restarted_at, what="a checkpoint after the restart")
         agent.send_signal(signal.SIGTERM)
         out, err = agent.communicate(timeout=120)
     finally:
