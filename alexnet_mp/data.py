@@ -19,7 +19,7 @@ import os
 import signal
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -152,6 +152,7 @@ class Data:
     classes: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    names: list[str] = field(default_factory=list)  # class names, index = label
 
 
 def mnist_sample(root: Path) -> tuple[TensorDataset, TensorDataset]:
@@ -313,8 +314,10 @@ def build_data(cfg: DataConfig, *, num_classes: int, in_channels: int, seed: int
     """Train and test sets for ``cfg.name``; checks that the model's input matches them."""
     channels, classes, mean, std = STATS[cfg.name]
     train_tf, test_tf = _transforms(cfg)
+    names = None
     if cfg.name == "mnist_sample":
         train, test = mnist_sample(Path(cfg.root))
+        names = [str(d) for d in range(10)]
     elif cfg.name == "fake":
         channels, classes = in_channels, num_classes
         mean, std = (0.5,) * in_channels, (0.25,) * in_channels
@@ -325,8 +328,11 @@ def build_data(cfg: DataConfig, *, num_classes: int, in_channels: int, seed: int
     elif cfg.name == "imagefolder":
         train, test = _imagefolder(cfg, test_tf)
         classes = len(train.classes)
+        names = list(train.classes)
     else:
         train, test = _torchvision(cfg, test_tf)
+        names = list(getattr(train, "classes", []))
+    names = names if names and len(names) == classes else [str(i) for i in range(classes)]
     if cfg.name != "mnist_sample":
         train = SeededTransform(train, train_tf, seed)
 
@@ -340,7 +346,7 @@ def build_data(cfg: DataConfig, *, num_classes: int, in_channels: int, seed: int
         train = Subset(train, range(min(cfg.train_limit, len(train))))
     if cfg.test_limit is not None:
         test = Subset(test, range(min(cfg.test_limit, len(test))))
-    return Data(train, test, channels, classes, mean, std)
+    return Data(train, test, channels, classes, mean, std, names)
 
 
 class BadBatch(NamedTuple):

@@ -105,6 +105,10 @@ class Trainer:
         self.test_loader = make_loader(data.test, shuffle=False, mark_padding=True, **common)
         self.transform = BatchTransform(cfg.data.image_size, data.mean, data.std,
                                         cfg.train.channels_last).to(layout.device)
+        # A checkpoint carries what inference needs without the data set at hand.
+        self.data_info = {"name": cfg.data.name, "classes": data.names,
+                          "mean": list(data.mean), "std": list(data.std),
+                          "image_size": cfg.data.image_size, "in_channels": data.channels}
         self.model = build_model(cfg.model, cfg.data.image_size, layout, cfg.train.seed)
         if cfg.train.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -285,7 +289,8 @@ class Trainer:
                  "model": model, "optimizer": optimizer, "train": self.state.to_dict(),
                  "scheduler": self.scheduler.state_dict() if self.scheduler else None,
                  "scaler": self.precision.scaler.state_dict() if self.precision.scaler else None,
-                 "rng": rng, "config": self.cfg.to_dict(), "log_records": self.log.records}
+                 "rng": rng, "config": self.cfg.to_dict(), "log_records": self.log.records,
+                 "data": self.data_info}
         path = self.ckdir / f"step-{self.state.global_step:08d}.pt"
         ckpt.save_atomic(state, path)
         ckpt.link_atomic(path, self.ckdir / "last.pt")
