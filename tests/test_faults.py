@@ -284,3 +284,35 @@ def test_a_bug_is_reported_as_a_bug_not_as_a_lost_peer(idx_root, tmp_path):
     args = small_overrides(idx_root, tmp_path / "r", **{"model.name": "alexnet_columns",
                                                         "run.timeout_s": 60})
     assert _two_ranks(args, _a_bug_on_rank_0) == [1, 3]
+
+
+def test_a_second_ctrl_c_interrupts_at_once():
+    from alexnet_mp.guard import StepGuard
+
+    guard = StepGuard(distributed=False)
+    guard.install()
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert guard.stop_requested and guard.exit_code == 130  # first: stop after the step
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    finally:
+        guard.uninstall()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_an_epoch_cut_short_never_becomes_best(idx_root, tmp_path):
+    run = tmp_path / "r"
+    folder = run / "checkpoints"
+    _trainer(idx_root, run, **{"train.epochs": 2, "train.max_steps": 6}).run()
+    best = folder / "best.pt"
+    epoch_one = ckpt.step_files(folder)[0]
+    assert os.path.samefile(best, epoch_one)
+    # Forget the best accuracy, so that any evaluation would look better than it.
+    state = ckpt.load(epoch_one)
+    state["train"]["best_acc"] = -1.0
+    ckpt.save_atomic(state, epoch_one)
+    cut = _trainer(idx_root, run, **{"train.epochs": 2, "train.max_steps": 9})
+    cut.run()
+    assert cut.state.step == 3
+    assert ckpt.load(best)["train"]["global_step"] == 6
