@@ -49,10 +49,30 @@ def canonical_shapes(model: nn.Module) -> dict[str, torch.Size]:
             for name, p in model.named_parameters()}
 
 
+ROW_CONTRACT = ("slices", "row_split", "full_rows", "column")
+
+
+def holds_rows(model: nn.Module, layout: Layout) -> bool:
+    """Whether this rank holds only some rows of the canonical tensors.
+
+    A model split over ranks must describe its rows (``slices()``, ``row_split``, ``full_rows``,
+    ``column``): without them its tensors would be saved as they are, one column written as if
+    it were the model. That is a programming error, raised as such, never a silent save.
+    """
+    if layout.column is None:
+        return False
+    missing = [name for name in ROW_CONTRACT if not hasattr(model, name)]
+    if missing:
+        raise TypeError(f"{type(model).__name__} runs split ({layout.name}) but does not "
+                        f"describe its rows ({', '.join(missing)} missing); the checkpoint code "
+                        "cannot tell which rows this rank holds")
+    return model.column is not None
+
+
 def _canonical(model: nn.Module, tensors: dict[str, torch.Tensor], layout: Layout
                ) -> dict[str, torch.Tensor]:
     """Whole (grouped-form) tensors on the CPU from this rank's rows of ``tensors``."""
-    if getattr(model, "column", None) is None:
+    if not holds_rows(model, layout):
         return {k: v.detach().cpu() for k, v in tensors.items()}
     out = {}
     for name, t in tensors.items():

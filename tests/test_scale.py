@@ -129,3 +129,31 @@ def test_evaluation_on_four_ranks_counts_every_example_once(tmp_path):
     assert one["test_images"] == four["test_images"] == 13
     assert four["test_acc"] == one["test_acc"] and four["test_top5"] == one["test_top5"]
     assert four["test_loss"] == pytest.approx(one["test_loss"], rel=1e-5)
+
+
+def test_a_split_model_that_cannot_describe_its_rows_is_an_error():
+    from torch import nn
+
+    from alexnet_mp.parallel.layout import Layout
+
+    split = Layout(world_size=2, columns=2, column=1)
+    with pytest.raises(TypeError, match="does not describe its rows"):
+        ckpt.model_state(nn.Linear(4, 2), split)
+    assert ckpt.model_state(nn.Linear(4, 2), Layout())["weight"].shape == (2, 4)
+
+
+def test_data_parallel_resume_with_dropout_is_exact(tmp_path):
+    """d2l's net on 2 replicas, dropout on: each replica's RNG comes back from the checkpoint,
+    so a resumed run draws the same masks as a straight one."""
+    from conftest import write_idx_mnist
+
+    root = write_idx_mnist(tmp_path / "data")
+    extra = {"model.name": "alexnet_d2l", "model.dropout": 0.5}
+    train(small_overrides(root, tmp_path / "straight", **extra, **{"train.max_steps": 5}), 2)
+    train(small_overrides(root, tmp_path / "resumed", **extra, **{"train.max_steps": 2}), 2)
+    train(small_overrides(root, tmp_path / "resumed", **extra, **{"train.max_steps": 5}), 2)
+    a, b = final(tmp_path / "straight"), final(tmp_path / "resumed")
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    rng = ckpt.load(tmp_path / "resumed" / "checkpoints" / "last.pt")["rng"]["replicas"]
+    assert len(rng) == 2 and not torch.equal(rng[0]["torch"], rng[1]["torch"])
