@@ -263,12 +263,18 @@ def check_fits(state: dict[str, Any], model_name: str, shapes: dict[str, torch.S
                 "data.image_size must match the run that wrote it)")
 
 
-def restore(state: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    """Load canonical model and optimizer state into this rank's part of the model, by rows."""
+def restore_model(state: dict[str, Any], model: nn.Module) -> None:
+    """Load the canonical parameters into this rank's part of the model, by rows."""
     rows = _row_slices(model)
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.copy_(state["model"][name][rows.get(name, slice(None))])
+
+
+def restore(state: dict[str, Any], model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Load canonical model and optimizer state into this rank's part of the model, by rows."""
+    restore_model(state, model)
+    rows = _row_slices(model)
     if "optimizer" in state:
         restore_optimizer(state["optimizer"], model, optimizer)
         return

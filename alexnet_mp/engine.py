@@ -8,6 +8,7 @@ host sync is the guard's one flag per step (finite everywhere? asked to stop?).
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -16,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
+from torchvision.transforms import v2
 from tqdm import tqdm
 
 from alexnet_mp.errors import UserError, peer_errors
@@ -182,11 +184,36 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
             "images_per_s": seen_here / max(elapsed, 1e-9), "images": state.seen}
 
 
+def ten_crop_log_probs(model: nn.Module, x: torch.Tensor, crop_size: int,
+                       autocast: Callable[[], contextlib.AbstractContextManager]
+                       = contextlib.nullcontext) -> torch.Tensor:
+    """Log of the softmax averaged over ten views of each image in ``x``: the four corner crops
+    and the centre crop of side ``crop_size``, and their horizontal flips (paper §4.1).
+
+    One forward pass per view, so memory stays that of a single view; the average is taken in
+    log space (logsumexp), so a class whose probability underflows in every view still has a
+    finite loss.
+    """
+    # Each patch is mirrored, not the image: torchvision's ten_crop flips the image and cuts
+    # its centre again, which for an odd margin (256 - 227 = 29) is a pixel off the mirrored
+    # centre patch.
+    five = v2.functional.five_crop(x, [crop_size, crop_size])
+    views = (*five, *(view.flip(-1) for view in five))
+    log_probs = []
+    for view in views:
+        with autocast():
+            logits = model(view).float()
+        log_probs.append(F.log_softmax(logits, dim=1))
+    return torch.logsumexp(torch.stack(log_probs), dim=0) - math.log(len(views))
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: DataLoader, transform: nn.Module,
              precision: Precision, guard: StepGuard | None = None,
              targets: Callable[[torch.Tensor], torch.Tensor] = lambda y: y,
-             reduce: Callable[[torch.Tensor], torch.Tensor] = lambda t: t) -> dict | None:
+             reduce: Callable[[torch.Tensor], torch.Tensor] = lambda t: t, *,
+             ten_crop: bool = False, crop_size: int | None = None,
+             show_bar: bool = False) -> dict | None:
     """Top-1, top-5 and loss over every test example (each rank runs every batch in lockstep).
 
     Samples labelled -1 are a sampler's padding (replicas must run as many batches) and are left
@@ -194,24 +221,38 @@ def evaluate(model: nn.Module, loader: DataLoader, transform: nn.Module,
 
     With a ``guard``, a stop request (SIGTERM, Ctrl-C) abandons the evaluation after the batch in
     flight and returns None: a long evaluation must not outlast a scheduler's grace period.
+
+    ``ten_crop``: ``transform`` must give images larger than the model's input (256 for the
+    paper's 227); each is judged by its softmax averaged over :func:`ten_crop_log_probs`'s ten crops
+    of side ``crop_size``, and the loss is that average's cross-entropy.
     """
+    if ten_crop and crop_size is None:
+        raise ValueError("ten_crop needs crop_size, the side of the model's input")
     model.eval()
     device = precision.device
     loss_sum = torch.zeros((), device=device)
     top1 = torch.zeros((), device=device, dtype=torch.long)
     top5 = torch.zeros((), device=device, dtype=torch.long)
     seen = torch.zeros((), device=device, dtype=torch.long)
-    for x, y in loader:
+    bar = tqdm(loader, desc="evaluating", disable=not show_bar, dynamic_ncols=True, leave=False,
+               mininterval=1.0)
+    for x, y in bar:
         x = transform(x.to(device, non_blocking=True))
         y = targets(y.to(device, non_blocking=True))
-        with precision.autocast():
-            logits = model(x).float()
-        loss_sum += F.cross_entropy(logits, y, reduction="sum", ignore_index=-1)
+        if ten_crop:
+            logits = ten_crop_log_probs(model, x, crop_size, precision.autocast)
+            loss_sum += F.nll_loss(logits, y, reduction="sum", ignore_index=-1)
+        else:
+            with precision.autocast():
+                logits = model(x).float()
+            loss_sum += F.cross_entropy(logits, y, reduction="sum", ignore_index=-1)
         top1 += _topk_correct(logits, y, 1)
         top5 += _topk_correct(logits, y, 5)
         seen += (y >= 0).sum()
         if guard is not None and guard.poll():
+            bar.close()
             return None
+    bar.close()
     loss, top1, top5, seen = reduce(torch.stack([loss_sum, top1.float(), top5.float(),
                                                  seen.float()])).tolist()
     return {"test_loss": loss / max(seen, 1), "test_acc": top1 / max(seen, 1),

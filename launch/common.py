@@ -71,3 +71,26 @@ def run_entry(args: argparse.Namespace,
     finally:
         for layout in opened:
             layout.close()
+
+
+def run_checkpoint_entry(body: Callable[[Callable[[Config], Layout]], int | None]) -> int:
+    """For entry points whose config comes from a checkpoint (evaluate, predict), not from
+    ``--config``: ``body(open_layout)``, where ``open_layout(cfg)`` starts this process's place
+    for the model ``cfg`` names (torchrun's variables, or one process). As :func:`run_entry`: bad
+    input is one line and its exit code, and the process group is closed, on failure too."""
+    opened: list[Layout] = []
+
+    def open_layout(cfg: Config) -> Layout:
+        opened.append(layout_from_env(cfg, cfg.model.name))
+        return opened[-1]
+
+    try:
+        return body(open_layout) or 0
+    except UserError as exc:
+        return report(exc)
+    except KeyboardInterrupt:  # nothing is written before the end, so nothing is half done
+        print("interrupted", file=sys.stderr, flush=True)
+        return 130
+    finally:
+        for layout in opened:
+            layout.close()

@@ -173,6 +173,14 @@ class Layout:
             return y
         return gather_labels(y, self.column_group)
 
+    def sum_over_replicas(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum ``t`` (figures: loss sums, counts) in place over the replicas, which see
+        different examples; the columns of one replica see the same ones and are not summed."""
+        if self.replicas > 1:
+            with peer_errors("summing the figures over replicas"):
+                dist.all_reduce(t, group=self.replica_group)
+        return t
+
     def agree(self, error: UserError | None) -> None:
         """Every rank calls this; if any rank failed, all raise the first failing rank's error.
 
