@@ -58,6 +58,9 @@ class DataConfig:
     # An image file that cannot be read (imagefolder): stop naming it, or skip it (counted in
     # metrics.jsonl and named on the console once per epoch).
     bad_images: str = "stop"
+    # JSON of the training set's own RGB principal components for PCA lighting (written by
+    # launch/pca_lighting.py); null: the published ImageNet figures (data.EIGVAL, data.EIGVEC).
+    lighting_file: str | None = None
 
 
 @dataclass
@@ -79,6 +82,13 @@ class TrainConfig:
     eval_only: bool = False
     nonfinite: str = "stop"  # a NaN/inf loss or gradient: stop the run, or skip that batch
     max_skipped: int = 10  # with nonfinite=skip: stop after this many skipped steps in a row
+    # false: no weight decay on biases, as the paper's original code had it.
+    bias_decay: bool = True
+    # torch: v <- m v + g + wd w; w <- w - lr v. paper: v <- m v - wd lr w - lr g; w <- w + v
+    # (the rate inside the velocity, which differs from torch's after a rate change).
+    momentum_form: str = "torch"
+    # torch.compile the model (every layout; a one-line warning where the device cannot).
+    compile: bool = False
 
 
 @dataclass
@@ -94,6 +104,9 @@ class RunConfig:
     timeout_s: float = 600.0
     save_timeout_s: float = 1800.0
     progress: bool = True
+    # TensorBoard event files beside metrics.jsonl, with the same scalars (pip install -e
+    # '.[tensorboard]').
+    tensorboard: bool = False
 
 
 @dataclass
@@ -126,6 +139,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.schedule": ("none", "step", "plateau"),
     "train.amp": ("none", "bf16", "fp16"),
     "train.nonfinite": ("stop", "skip"),
+    "train.momentum_form": ("torch", "paper"),
     "data.bad_images": ("stop", "skip"),
     "parallel.layout": ("columns", "hybrid"),
     "run.device": ("auto", "cpu", "cuda", "mps"),
@@ -325,6 +339,9 @@ FIXED_ON_RESUME = (
     "model.num_classes", "model.in_channels", "model.width", "data.name", "data.image_size",
     "data.augment", "data.fake_size", "data.train_limit", "data.test_limit", "train.batch_size",
     "train.seed", "train.schedule", "train.step_size", "train.gamma", "train.patience",
+    # A saved momentum buffer is a sum of gradients (torch) or of steps (paper, -lr times the
+    # other): the other form would misread it.
+    "train.momentum_form",
 )
 SILENT_ON_RESUME = ("name", "run.dir", "train.resume", "model.name")
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import itertools
+import json
 import os
 import signal
 import threading
@@ -68,17 +69,23 @@ EIGVEC = torch.tensor([[-0.5675, 0.7192, 0.4009],
 
 
 class Lighting(torch.nn.Module):
-    """Adds multiples of the RGB principal components, magnitudes ~ N(0, sigma) (paper §4.1)."""
+    """Adds multiples of the RGB principal components, magnitudes ~ N(0, sigma) (paper §4.1).
 
-    def __init__(self, sigma: float = 0.1) -> None:
+    ``eigval``/``eigvec`` (columns are the components): the published ImageNet figures unless
+    a training set's own are given (:func:`lighting_components`)."""
+
+    def __init__(self, sigma: float = 0.1, eigval: torch.Tensor | None = None,
+                 eigvec: torch.Tensor | None = None) -> None:
         super().__init__()
         self.sigma = sigma
+        self.eigval = EIGVAL if eigval is None else eigval
+        self.eigvec = EIGVEC if eigvec is None else eigvec
 
     def forward(self, img: torch.Tensor) -> torch.Tensor:
         if img.shape[0] != 3:
             return img
         alpha = torch.randn(3) * self.sigma
-        return (img + (EIGVEC @ (alpha * EIGVAL)).view(3, 1, 1)).clamp(0, 1)
+        return (img + (self.eigvec @ (alpha * self.eigval)).view(3, 1, 1)).clamp(0, 1)
 
 
 class SeededTransform(Dataset):
@@ -303,7 +310,7 @@ def _transforms(cfg: DataConfig) -> tuple[torch.nn.Module, torch.nn.Module]:
             return test, test
         return v2.Compose([plain, v2.Resize(scale), v2.RandomCrop(cfg.image_size),
                            v2.RandomHorizontalFlip(), v2.ToDtype(torch.float32, scale=True),
-                           Lighting(0.1)]), test
+                           Lighting(0.1, *lighting_components(cfg))]), test
     if cfg.augment and cfg.name in ("cifar10", "fake"):
         return v2.Compose([plain, v2.RandomCrop(32 if cfg.name == "cifar10" else cfg.image_size,
                                                 padding=4), v2.RandomHorizontalFlip()]), plain
@@ -561,3 +568,158 @@ class BatchTransform(torch.nn.Module):
         if x.shape[-1] != self.size or x.shape[-2] != self.size:
             x = v2.functional.resize(x, [self.size, self.size], antialias=True)
         return ((x - self.mean) / self.std).contiguous(memory_format=self.memory_format)
+
+
+# -- PCA lighting from a training set's own colours (launch/pca_lighting.py) ------------------
+
+LIGHTING_FORMAT = "alexnet_mp/rgb-pca/1"
+
+
+@dataclass
+class RGBPCA:
+    """Principal components of a training set's RGB pixel values, pixels in [0, 1]."""
+
+    eigval: list[float]  # variances along the components, largest first
+    eigvec: list[list[float]]  # 3 x 3, column i is component i (as data.EIGVEC)
+    mean: list[float]
+    images: int  # images read (a seeded sample when the set is larger than asked for)
+    pixels: int
+    unreadable: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": LIGHTING_FORMAT, "eigval": self.eigval, "eigvec": self.eigvec,
+                "mean": self.mean, "images": self.images, "pixels": self.pixels,
+                "unreadable": self.unreadable}
+
+
+def _plain_train(cfg: DataConfig, in_channels: int) -> Dataset:
+    """The training set as stored: no crop, resize or augmentation (``data.train_limit`` kept)."""
+    plain = v2.PILToTensor()
+    if cfg.name == "mnist_sample":
+        train: Dataset = mnist_sample(Path(cfg.root))[0]
+    elif cfg.name == "fake":
+        train = torchvision.datasets.FakeData(
+            cfg.fake_size, (in_channels, cfg.image_size, cfg.image_size), 2)
+    elif cfg.name == "imagefolder":
+        train = _imagefolder(cfg, plain)[0]
+    else:
+        train = _torchvision(cfg, plain)[0]
+    if cfg.train_limit is not None:
+        train = Subset(train, range(min(cfg.train_limit, len(train))))
+    return train
+
+
+class _PixelMoments(Dataset):
+    """Per image: (pixels, sum of RGB vectors, sum of their outer products, unreadable path),
+    float64, computed in the loader's workers so that only 13 numbers an image travel."""
+
+    def __init__(self, base: Dataset, indices: list[int]) -> None:
+        self.base, self.indices = base, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> tuple[int, torch.Tensor, torch.Tensor, str | None]:
+        img = self.base[self.indices[i]][0]
+        if isinstance(img, UnreadableImage):
+            return 0, torch.zeros(3, dtype=torch.float64), torch.zeros(
+                3, 3, dtype=torch.float64), img.path
+        x = v2.functional.to_image(img)
+        if x.shape[0] != 3:
+            raise UserError(f"PCA lighting needs RGB images, but a training image has "
+                            f"{x.shape[0]} channel(s); use an RGB data set (imagefolder, cifar10)")
+        scale = 255.0 if x.dtype == torch.uint8 else 1.0  # float images are in [0, 1] already
+        x = x.reshape(3, -1).to(torch.float64) / scale
+        return x.shape[1], x.sum(dim=1), x @ x.T, None
+
+
+def _first(batch: list) -> Any:
+    return batch[0]
+
+
+def rgb_pca(cfg: DataConfig, *, in_channels: int = 3, images: int = 10_000, seed: int = 0,
+            num_workers: int = 0) -> RGBPCA:
+    """Eigenvalues and eigenvectors of the RGB covariance of the training images (pixels in
+    [0, 1], every pixel of each image as stored), over a seeded sample of ``images`` images when
+    the set holds more. Unreadable files are counted and left out."""
+    if images < 1:
+        raise UserError(f"--images must be at least 1, got {images}")
+    if in_channels != 3:
+        raise UserError(f"PCA lighting needs RGB images, but model.in_channels={in_channels}; "
+                        "use an RGB data set with model.in_channels=3")
+    train = _plain_train(cfg, in_channels)
+    if len(train) == 0:
+        raise UserError(f"data set '{cfg.name}' has no training images under {cfg.root}")
+    order = list(range(len(train)))
+    if len(train) > images:
+        g = torch.Generator().manual_seed(seed)
+        order = sorted(torch.randperm(len(train), generator=g)[:images].tolist())
+    loader = DataLoader(_PixelMoments(train, order), batch_size=1, num_workers=num_workers,
+                        collate_fn=_first)
+    count, total = 0, torch.zeros(3, dtype=torch.float64)
+    outer = torch.zeros(3, 3, dtype=torch.float64)
+    unreadable: list[str] = []
+    for n, s, o, bad in loader:
+        if bad is not None:
+            unreadable.append(bad)
+            continue
+        count, total, outer = count + n, total + s, outer + o
+    if count == 0:
+        raise UserError(f"none of the {len(order)} training images read could be decoded "
+                        f"(the first: {unreadable[0] if unreadable else '?'})")
+    mean = total / count
+    cov = outer / count - torch.outer(mean, mean)
+    eigval, eigvec = torch.linalg.eigh(cov)  # ascending
+    eigval, eigvec = eigval.flip(0).clamp(min=0), eigvec.flip(1)
+    # A component's sign is arbitrary (lighting draws +/- alike); fixing it makes the file
+    # reproducible: each column's largest entry is positive.
+    signs = torch.sign(eigvec.gather(0, eigvec.abs().argmax(dim=0, keepdim=True)))
+    eigvec = eigvec * signs
+    return RGBPCA(eigval.tolist(), eigvec.tolist(), mean.tolist(), len(order) - len(unreadable),
+                  count, len(unreadable))
+
+
+def write_lighting(pca: RGBPCA, path: Path) -> None:
+    """The JSON file ``data.lighting_file`` names, written atomically."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(pca.to_dict(), indent=2) + "\n")
+        tmp.replace(path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"could not write '{path}' ({exc.strerror}); pass --out with a writable "
+                        "path") from None
+
+
+def read_lighting(path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """(eigval, eigvec) from a file :func:`write_lighting` wrote; any problem is one line."""
+    path = Path(path)
+    redo = "write it with python launch/pca_lighting.py, or set data.lighting_file=null"
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"data.lighting_file '{path}' does not exist; {redo}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"data.lighting_file '{path}' is not readable JSON ({exc}); "
+                        f"{redo}") from None
+    try:
+        eigval = torch.tensor(data["eigval"], dtype=torch.float32)
+        eigvec = torch.tensor(data["eigvec"], dtype=torch.float32)
+    except (TypeError, KeyError, ValueError, RuntimeError):
+        raise UserError(f"data.lighting_file '{path}' lacks 'eigval' (3 numbers) and 'eigvec' "
+                        f"(3 x 3); {redo}") from None
+    if eigval.shape != (3,) or eigvec.shape != (3, 3):
+        raise UserError(f"data.lighting_file '{path}' holds eigval {tuple(eigval.shape)} and "
+                        f"eigvec {tuple(eigvec.shape)}, not (3,) and (3, 3); {redo}")
+    if not (torch.isfinite(eigval).all() and torch.isfinite(eigvec).all()) or (eigval < 0).any():
+        raise UserError(f"data.lighting_file '{path}' holds negative or non-finite values; "
+                        f"{redo}")
+    return eigval, eigvec
+
+
+def lighting_components(cfg: DataConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """``data.lighting_file``'s components, or the published ImageNet ones."""
+    if cfg.lighting_file is None:
+        return EIGVAL, EIGVEC
+    return read_lighting(cfg.lighting_file)

@@ -1,4 +1,5 @@
-"""The run's JSONL metrics log and the PNG of its curves (what d2l's animator drew)."""
+"""The run's JSONL metrics log, its TensorBoard mirror and the PNG of its curves (what d2l's
+animator drew)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib
+
+from alexnet_mp.errors import UserError
 
 matplotlib.use("Agg")  # files only: no display on training machines
 import matplotlib.pyplot as plt  # noqa: E402
@@ -19,12 +22,18 @@ class MetricsLog:
     ``records`` counts the lines written so far. A checkpoint stores it, and a run resumed from
     that checkpoint cuts the file back to it (:meth:`truncate`), so the lines an interrupted run
     wrote after its last checkpoint are not there twice: the log equals a straight run's.
+
+    ``tensorboard``: a folder for TensorBoard event files that mirror every line (see
+    :class:`TensorBoardLog`); a missing tensorboard package is a :class:`UserError` here, before
+    any training.
     """
 
-    def __init__(self, path: Path, enabled: bool = True) -> None:
+    def __init__(self, path: Path, enabled: bool = True, tensorboard: Path | None = None) -> None:
         self.path = path
         self.enabled = enabled
         self.records = len(self._lines()) if enabled else 0
+        self.tensorboard = (TensorBoardLog(tensorboard, self.path)
+                            if enabled and tensorboard is not None else None)
 
     def _lines(self) -> list[str]:
         if not self.path.is_file():
@@ -46,6 +55,12 @@ class MetricsLog:
                        "without these lines")
             return
         self.records += 1
+        if self.tensorboard is not None:
+            self.tensorboard.write(record)
+
+    def close(self) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.close()
 
     def truncate(self, records: int) -> None:
         """Keep the first ``records`` lines (those before the checkpoint a run resumes from)."""
@@ -56,6 +71,81 @@ class MetricsLog:
         tmp.write_text("".join(kept))
         tmp.replace(self.path)
         self.records = len(kept)
+        if self.tensorboard is not None:
+            self.tensorboard.close()  # the next line rebuilds the event files from the kept ones
+
+
+def summary_writer_class() -> type:
+    """torch's SummaryWriter, or one line saying how to install what it needs."""
+    try:
+        # torch.utils.tensorboard may be importable (or already imported) while the package it
+        # writes with is not; asking for the package first makes its absence the error.
+        import tensorboard  # noqa: F401
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise UserError("run.tensorboard=true needs the tensorboard package: pip install -e "
+                        "'.[tensorboard]' (or pip install tensorboard), or set "
+                        "run.tensorboard=false") from None
+    return SummaryWriter
+
+
+def scalars(record: dict[str, Any]) -> list[tuple[str, float]]:
+    """A metrics.jsonl line's numbers as TensorBoard tags ``<kind>/<field>``; its global step is
+    the x axis, and flags, lists and the epoch number are not curves."""
+    kind = record.get("kind", "record")
+    return [(f"{kind}/{key}", float(value)) for key, value in record.items()
+            if key not in ("kind", "step", "epoch") and isinstance(value, (int, float))
+            and not isinstance(value, bool)]
+
+
+class TensorBoardLog:
+    """TensorBoard event files in ``folder`` holding exactly the numbers of ``jsonl``.
+
+    The writer opens at the first line written; it then removes the folder's earlier event files
+    and replays the whole JSONL file. A resumed run has cut that file back to its checkpoint
+    (:meth:`MetricsLog.truncate`), so the curves never show the lines an interrupted run wrote
+    after it, the way metrics.jsonl does not.
+    """
+
+    def __init__(self, folder: Path, jsonl: Path) -> None:
+        self.folder, self.jsonl = folder, jsonl
+        self.writer_class = summary_writer_class()
+        self.writer: Any = None
+        self.broken = False
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.broken:
+            return
+        try:
+            if self.writer is None:
+                self._open()  # the replay includes ``record``, already in the JSONL file
+            else:
+                self._add(record)
+            if record.get("kind") != "step":
+                self.writer.flush()
+        except OSError as exc:  # as for metrics.jsonl: rank 0 alone must not stop the run
+            self.broken = True
+            _warn_once(f"could not write TensorBoard files in '{self.folder}' ({exc.strerror}); "
+                       "training goes on without them")
+
+    def _open(self) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        for old in self.folder.glob("events.out.tfevents.*"):
+            old.unlink()
+        self.writer = self.writer_class(log_dir=str(self.folder))
+        for record in read_log(self.jsonl):
+            self._add(record)
+
+    def _add(self, record: dict[str, Any]) -> None:
+        step = record.get("step")
+        if isinstance(step, int):
+            for tag, value in scalars(record):
+                self.writer.add_scalar(tag, value, step)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
 
 
 _warned: set[str] = set()

@@ -26,7 +26,8 @@ from alexnet_mp.errors import PeerLostError, UserError, peer_errors
 from alexnet_mp.guard import StepGuard
 from alexnet_mp.metrics import MetricsLog, append_json, plot_curves
 from alexnet_mp.models import model_family
-from alexnet_mp.parallel.build import build_model
+from alexnet_mp.optim import build_optimizer, set_hyperparameters
+from alexnet_mp.parallel.build import build_model, compile_model
 from alexnet_mp.parallel.layout import Layout
 
 Plateau = torch.optim.lr_scheduler.ReduceLROnPlateau
@@ -74,6 +75,8 @@ class Trainer:
             print(f"warning: {text}", file=sys.stderr, flush=True)
 
     def close(self) -> None:
+        if getattr(self, "log", None) is not None:
+            self.log.close()
         if self.lock is not None:
             self.lock.release()
             self.lock = None
@@ -91,7 +94,8 @@ class Trainer:
         cfg, layout = self.cfg, self.layout
         if layout.is_main:
             self.lock = runfolder.prepare(self.out, self.ckdir)
-        self.log = MetricsLog(self.out / "metrics.jsonl", enabled=layout.is_main)
+        self.log = MetricsLog(self.out / "metrics.jsonl", enabled=layout.is_main,
+                              tensorboard=self.out if cfg.run.tensorboard else None)
         self.precision = Precision(cfg.train.amp, layout.device)
         data = build_data(cfg.data, num_classes=cfg.model.num_classes,
                           in_channels=cfg.model.in_channels, seed=cfg.train.seed)
@@ -112,12 +116,14 @@ class Trainer:
         self.model = build_model(cfg.model, cfg.data.image_size, layout, cfg.train.seed)
         if cfg.train.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
+        if cfg.train.compile:
+            why_not = compile_model(self.model, layout)
+            if why_not:
+                self.warn(f"train.compile=true is not used: {why_not}")
         if layout.is_main:
             runfolder.check_room(self.ckdir, ckpt.estimated_size(self.model),
                                  cfg.run.keep_checkpoints)
-        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=cfg.train.lr,
-                                         momentum=cfg.train.momentum,
-                                         weight_decay=cfg.train.weight_decay)
+        self.optimizer = build_optimizer(self.model, cfg.train)
         self.scheduler = make_scheduler(cfg, self.optimizer)
         self.state = TrainState()
 
@@ -227,8 +233,8 @@ class Trainer:
         they are now. (The checkpoint's param groups are restored first.)"""
         t = self.cfg.train
         ratio = t.lr / saved["lr"] if saved.get("lr") else 1.0
+        set_hyperparameters(self.optimizer, self.model, t)
         for group in self.optimizer.param_groups:
-            group["momentum"], group["weight_decay"] = t.momentum, t.weight_decay
             if ratio != 1.0:
                 group["lr"] *= ratio
                 if "initial_lr" in group:

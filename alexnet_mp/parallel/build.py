@@ -7,6 +7,9 @@ process group.
 
 from __future__ import annotations
 
+import os
+import shutil
+
 from torch import nn
 
 from alexnet_mp import models
@@ -44,3 +47,46 @@ def build_model(cfg: ModelConfig, image_size: int, layout: Layout, seed: int,
         model = models.build_model(cfg, image_size, layout.device, seed, exchange=exchange,
                                    replica=layout.replica)
     return parallelize(model, layout, meter)
+
+
+# torch.compile's backend; tests swap in "aot_eager", which traces the same graphs (forward and
+# backward) without inductor's minute of C++ compilation.
+COMPILE_BACKEND = "inductor"
+
+
+def compile_blocker(layout: Layout) -> str | None:
+    """Why ``train.compile`` cannot be used on this device, or None.
+
+    Every layout compiles: one device, the column split (its functional-collective exchanges),
+    hybrid and replicas all ran compiled on 2 CPU ranks with eager's losses (docs/paper_recipe.md).
+    """
+    device = layout.device.type
+    if device == "cpu" and not (os.environ.get("CXX") or shutil.which("g++")
+                                or shutil.which("clang++") or shutil.which("c++")):
+        return "inductor compiles C++ on the CPU and no C++ compiler was found (set CXX)"
+    if device == "cuda":
+        from torch.utils._triton import has_triton
+
+        if not has_triton():
+            return "inductor needs Triton on CUDA and it is not installed"
+    if device == "mps":
+        return "inductor's MPS backend has not been tried with this model"
+    return None
+
+
+def compile_model(model: nn.Module, layout: Layout) -> str | None:
+    """``train.compile``: compile ``model`` in place, or say why not (one phrase).
+
+    nn.Module.compile keeps the module object (no ``_orig_mod.`` wrapper), so parameter names,
+    the rows a column holds and the checkpoints see no difference.
+    """
+    why_not = compile_blocker(layout)
+    if why_not is not None:
+        return why_not
+    import torch._inductor.config as inductor
+
+    # Inductor otherwise draws dropout masks from its own generator: a compiled run would drop
+    # other neurons than an eager one, and resume from the saved RNG states would not be exact.
+    inductor.fallback_random = True
+    model.compile(backend=COMPILE_BACKEND)
+    return None
