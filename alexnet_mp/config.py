@@ -80,6 +80,9 @@ class TrainConfig:
     amp: str = "none"  # none | bf16 | fp16 (fp16 only on CUDA, with a gradient scaler)
     channels_last: bool = False
     eval_only: bool = False
+    # Judge the epoch-end evaluation as the paper reports: softmax averaged over ten crops (four
+    # corners and the centre of the image scaled to 256/227 of the input, and their flips).
+    ten_crop: bool = False
     nonfinite: str = "stop"  # a NaN/inf loss or gradient: stop the run, or skip that batch
     max_skipped: int = 10  # with nonfinite=skip: stop after this many skipped steps in a row
     # false: no weight decay on biases, as the paper's original code had it.

@@ -190,7 +190,7 @@ def load(path: str | Path, open_layout: Callable[[Config], Layout],
 
 # -- evaluation -------------------------------------------------------------------------------
 
-def _whole_scaled_images(test: Dataset, image_size: int) -> None:
+def whole_scaled_images(test: Dataset, image_size: int) -> None:
     """Image files come out as the scaled square (the paper's central 256 x 256) rather than its
     centre crop, so that the ten crops can be cut from it. Tensor data sets keep their stored
     size: the batch transform scales those on the device."""
@@ -232,7 +232,7 @@ def evaluate_checkpoint(loaded: Loaded, *, ten_crop: bool = False,
                         f"of checkpoint '{loaded.path}' ({differ}); evaluate on the data it was "
                         "trained for (--data-root, --data)")
     if ten_crop:
-        _whole_scaled_images(data.test, size)
+        whole_scaled_images(data.test, size)
     loader = make_loader(data.test, batch_size=layout.local_batch(batch), shuffle=False,
                          seed=cfg.train.seed, num_workers=cfg.data.num_workers,
                          pin_memory=layout.device.type == "cuda", replicas=layout.data_shards,

@@ -24,6 +24,7 @@ from alexnet_mp.data import BatchTransform, build_data, make_loader, set_epoch
 from alexnet_mp.engine import NonFiniteError, Precision, TrainState, evaluate, train_one_epoch
 from alexnet_mp.errors import PeerLostError, UserError, peer_errors
 from alexnet_mp.guard import StepGuard
+from alexnet_mp.inference import scaled_size, whole_scaled_images
 from alexnet_mp.metrics import MetricsLog, append_json, plot_curves
 from alexnet_mp.models import model_family
 from alexnet_mp.optim import build_optimizer, set_hyperparameters
@@ -109,6 +110,12 @@ class Trainer:
         self.test_loader = make_loader(data.test, shuffle=False, mark_padding=True, **common)
         self.transform = BatchTransform(cfg.data.image_size, data.mean, data.std,
                                         cfg.train.channels_last).to(layout.device)
+        self.test_transform = self.transform
+        if cfg.train.ten_crop:  # the crops are cut from the scaled image on the device
+            whole_scaled_images(data.test, cfg.data.image_size)
+            self.test_transform = BatchTransform(scaled_size(cfg.data.image_size), data.mean,
+                                                 data.std, cfg.train.channels_last
+                                                 ).to(layout.device)
         # A checkpoint carries what inference needs without the data set at hand.
         self.data_info = {"name": cfg.data.name, "classes": data.names,
                           "mean": list(data.mean), "std": list(data.std),
@@ -352,17 +359,12 @@ class Trainer:
         return {"stopped": name, "exit_code": guard.exit_code}
 
     def _evaluate(self, guard: StepGuard) -> dict | None:
-        result = evaluate(self.model, self.test_loader, self.transform, self.precision, guard,
-                          targets=self.layout.loss_targets, reduce=self._sum_over_replicas)
+        result = evaluate(self.model, self.test_loader, self.test_transform, self.precision,
+                          guard, targets=self.layout.loss_targets,
+                          reduce=self.layout.sum_over_replicas, ten_crop=self.cfg.train.ten_crop,
+                          crop_size=self.cfg.data.image_size)
         self._report_bad_files(self.test_loader)
         return result
-
-    def _sum_over_replicas(self, t: torch.Tensor) -> torch.Tensor:
-        """Replicas see different examples; the columns of one replica see the same ones."""
-        if self.layout.replicas > 1:
-            with peer_errors("summing the figures over replicas"):
-                dist.all_reduce(t, group=self.layout.replica_group)
-        return t
 
     def _report_bad_files(self, loader) -> None:
         """data.bad_images=skip: the files left out, named once an epoch and counted in the log."""
@@ -411,7 +413,7 @@ class Trainer:
                 show_bar=layout.is_main and cfg.run.progress, on_log=self.log.write,
                 guard=guard, skip_nonfinite=cfg.train.nonfinite == "skip",
                 max_skipped=cfg.train.max_skipped, after_step=after_step,
-                targets=layout.loss_targets, reduce=self._sum_over_replicas)
+                targets=layout.loss_targets, reduce=layout.sum_over_replicas)
             self._report_bad_files(self.train_loader)
             if guard.stopping:
                 return self._stopped(guard, saved=False)

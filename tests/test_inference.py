@@ -275,3 +275,19 @@ def test_predict_json_ten_crop_and_an_old_checkpoint(trained, tmp_path, capsys):
     assert "predates stored class names" in out.err
     probs = [t["probability"] for t in json.loads(out.out)["results"][0]["top"]]
     assert math.isclose(sum(probs), 1.0, rel_tol=1e-5)
+
+
+def test_the_epoch_end_evaluation_can_judge_by_ten_crops(trained, tmp_path):
+    """train.ten_crop=true: the epoch's record holds what evaluate.py --ten-crop reports for the
+    same weights."""
+    tmp, root, _, _ = trained
+    run = tmp_path / "ten"
+    assert train_cli.main([*train_args(root, run), "train.ten_crop=true"]) == 0
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    epoch = [r for r in records if r.get("kind") == "epoch"][-1]
+    checkpoint = run / "checkpoints" / "last.pt"
+    assert evaluate_cli.main([str(checkpoint), "--ten-crop", *QUIET]) == 0
+    ten = json.loads((run / "checkpoints" / "last.eval-10crop.json").read_text())
+    assert (ten["images"], ten["top1"], ten["top5"]) == (9, epoch["test_acc"],
+                                                          epoch["test_top5"])
+    assert ten["loss"] == pytest.approx(epoch["test_loss"], rel=1e-5)
