@@ -52,6 +52,8 @@ class DataConfig:
     num_workers: int = 0
     # Paper augmentation: random crops of a 256/227-scaled image, flips, PCA lighting.
     augment: bool = False
+    # With augment: mirror images at random. Off for digits, text and anything a mirror changes.
+    hflip: bool = True
     fake_size: int = 1024  # images in the `fake` data set (train; test gets a quarter)
     train_limit: int | None = None  # use only the first N training examples (smoke runs, tests)
     test_limit: int | None = None
@@ -340,8 +342,9 @@ def dump_config(cfg: Config, path: Path) -> None:
 # freely: checkpoints are layout-free and train.batch_size is the global batch.
 FIXED_ON_RESUME = (
     "model.num_classes", "model.in_channels", "model.width", "data.name", "data.image_size",
-    "data.augment", "data.fake_size", "data.train_limit", "data.test_limit", "train.batch_size",
-    "train.seed", "train.schedule", "train.step_size", "train.gamma", "train.patience",
+    "data.augment", "data.hflip", "data.fake_size", "data.train_limit", "data.test_limit",
+    "train.batch_size", "train.seed", "train.schedule", "train.step_size", "train.gamma",
+    "train.patience",
     # A saved momentum buffer is a sum of gradients (torch) or of steps (paper, -lr times the
     # other): the other form would misread it.
     "train.momentum_form",

@@ -302,18 +302,19 @@ def _imagefolder(cfg: DataConfig, test_tf: torch.nn.Module) -> tuple[Dataset, Da
 def _transforms(cfg: DataConfig) -> tuple[torch.nn.Module, torch.nn.Module]:
     """Per-sample (train, test) transforms on the CPU; resizing of fixed-size sets is per batch."""
     plain = v2.PILToTensor()
+    flip = [v2.RandomHorizontalFlip()] if cfg.hflip else []
     if cfg.name == "imagefolder":
         # The paper: crops of the image scaled to 256 (227 of 256 here), flips, PCA lighting.
         scale = round(cfg.image_size * 256 / 227)
         test = v2.Compose([plain, v2.Resize(scale), v2.CenterCrop(cfg.image_size)])
         if not cfg.augment:
             return test, test
-        return v2.Compose([plain, v2.Resize(scale), v2.RandomCrop(cfg.image_size),
-                           v2.RandomHorizontalFlip(), v2.ToDtype(torch.float32, scale=True),
+        return v2.Compose([plain, v2.Resize(scale), v2.RandomCrop(cfg.image_size), *flip,
+                           v2.ToDtype(torch.float32, scale=True),
                            Lighting(0.1, *lighting_components(cfg))]), test
     if cfg.augment and cfg.name in ("cifar10", "fake"):
         return v2.Compose([plain, v2.RandomCrop(32 if cfg.name == "cifar10" else cfg.image_size,
-                                                padding=4), v2.RandomHorizontalFlip()]), plain
+                                                padding=4), *flip]), plain
     return plain, plain
 
 

@@ -69,3 +69,41 @@ def wait_for(predicate, timeout: float = 180, what: str = "") -> None:
         if time.monotonic() > end:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.05)
+
+
+def write_shapes_folder(root: Path, per_class: int, size: int = 48, seed: int = 0) -> Path:
+    """An ImageFolder of small PNGs, ``train/`` and ``val/`` (a quarter as many), three classes:
+    a disc, a square and a cross, each of random colour, size and place on a noisy background.
+
+    A task a small net must learn shapes for (colour tells nothing), in the kind of folder users
+    bring: a thousand or two small images.
+    """
+    from PIL import Image, ImageDraw
+
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(lo: int, hi: int) -> int:
+        return int(torch.randint(lo, hi + 1, (1,), generator=g))
+
+    for part, n in (("train", per_class), ("val", max(1, per_class // 4))):
+        for shape in ("cross", "disc", "square"):
+            folder = root / part / shape
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                noise = (torch.rand(size, size, 3, generator=g) * 90).to(torch.uint8)
+                img = Image.fromarray(noise.numpy())
+                draw = ImageDraw.Draw(img)
+                r = rand(size // 6, size // 3)
+                cx, cy = rand(r, size - r - 1), rand(r, size - r - 1)
+                colour = (rand(90, 255), rand(90, 255), rand(90, 255))
+                box = (cx - r, cy - r, cx + r, cy + r)
+                if shape == "disc":
+                    draw.ellipse(box, fill=colour)
+                elif shape == "square":
+                    draw.rectangle(box, fill=colour)
+                else:
+                    w = max(2, r // 3)
+                    draw.rectangle((cx - r, cy - w, cx + r, cy + w), fill=colour)
+                    draw.rectangle((cx - w, cy - r, cx + w, cy + r), fill=colour)
+                img.save(folder / f"{i:04d}.png")
+    return root

@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 from torch.utils.data import TensorDataset
 
+from alexnet_mp import checkpoint as ckpt
 from alexnet_mp.config import DataConfig
 from alexnet_mp.data import build_data, make_loader, set_epoch
 from alexnet_mp.errors import UserError
@@ -253,3 +254,28 @@ def test_process_group_stop_signal_then_exit_with_a_live_loader(tmp_path):
     assert proc.returncode == 0, err
     signals = sorted(int(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP))
     assert out.splitlines()[-1] == f"{list(range(22))} {signals}"
+
+
+def test_the_small_folder_config_trains_on_a_folder_of_small_images(tmp_path):
+    from conftest import ROOT, run_cli, write_shapes_folder
+
+    root = write_shapes_folder(tmp_path / "shapes", per_class=8)
+    run = tmp_path / "r"
+    proc = run_cli(["--config", str(ROOT / "configs" / "small_folder.yaml"), f"data.root={root}",
+                    f"run.dir={run}", "train.max_steps=3", "train.batch_size=8",
+                    "data.num_workers=0", "run.progress=false", "run.threads=1"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert ckpt.load(run / "checkpoints" / "last.pt")["data"]["classes"] == [
+        "cross", "disc", "square"]
+
+
+@pytest.mark.parametrize("hflip", [True, False])
+def test_hflip_decides_whether_augmentation_mirrors(hflip):
+    from torchvision.transforms import v2
+
+    from alexnet_mp.data import _transforms
+
+    for name in ("imagefolder", "cifar10"):
+        train_tf, _ = _transforms(DataConfig(name=name, augment=True, hflip=hflip))
+        flips = [t for t in train_tf.transforms if isinstance(t, v2.RandomHorizontalFlip)]
+        assert bool(flips) == hflip, name
