@@ -30,6 +30,21 @@ Every run writes OUT/bench.json: per layout, images/s, exchange and all-reduce b
 per rank (counted from the tensors that moved, and from the architecture's formula: they are
 equal), per-rank peak memory.
 
+decisive comparisons: --repeat R runs every arm (layout x variant x data) once per round, the
+rounds interleaved, and reports 95 % intervals and a verdict per target (met, missed,
+undecided), e.g. at the paper's size with the old LRN beside the new one:
+  torchrun --nproc_per_node=2 launch/bench.py --layouts grouped,split --data synthetic \\
+      --repeat 5 --steps 4 --warmup 1 --variants base,lrn_ref --profile \\
+      model.num_classes=1000 model.in_channels=3 data.name=fake data.image_size=227 \\
+      train.batch_size=128
+variants (join flags with +): lrn_ref, channels_last, compile, pinned.
+--data train runs the training loop itself (loader, guard, figures) for the input-path target.
+
+start-up of the main job (launch to first step), N ranks, R launches:
+  python launch/bench.py --startup N --repeat R [overrides]
+the LRN alone, fused against the reference formulation, at the config's shapes:
+  python launch/bench.py --lrn --repeat R run.threads=1 [overrides]
+
 scaling table over 1, 2 and 4 ranks:
   python launch/bench.py --layouts grouped --data synthetic --out runs/scale-1
   torchrun --nproc_per_node=2 launch/bench.py --layouts split,ddp,hybrid --data synthetic \\
@@ -54,12 +69,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="comma-separated: d2l, grouped, split, split_overlap, ddp, hybrid "
                         "(default auto: every one this world size can run)")
     p.add_argument("--data", default="synthetic,loader",
-                   help="synthetic (tensors on the device), loader (the real pipeline), or both")
+                   help="comma-separated: synthetic (tensors on the device), loader (the real "
+                        "pipeline in the bench's loop), train (the training loop itself)")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="interleaved rounds of every arm (intervals over rounds and steps)")
+    p.add_argument("--variants", default="base",
+                   help="comma-separated: base, or flags joined by + from lrn_ref, "
+                        "channels_last, compile, pinned (each runs every layout)")
+    p.add_argument("--lrn", action="store_true",
+                   help="time the LRN alone, fused against the reference formulation, --repeat "
+                        "rounds at the config's shapes; run nothing else (no torchrun)")
+    p.add_argument("--startup", type=int, metavar="RANKS",
+                   help="time launch/train.py from launch to its first step on RANKS ranks, "
+                        "--repeat times; run nothing else (no torchrun)")
     p.add_argument("--steps", type=int, default=8, help="timed steps per layout")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     p.add_argument("--out", help="output folder (default: runs/<config>-bench)")
     p.add_argument("--profile", action="store_true",
-                   help="also write a torch.profiler table per layout and rank")
+                   help="also write a torch.profiler table per arm and rank, and put the "
+                        "per-layer attribution into the report")
     p.add_argument("--scaling-table", nargs="+", metavar="BENCH_JSON",
                    help="join these runs' bench.json into one table, run nothing (no torchrun)")
     p.add_argument("--analytic", metavar="WORLDS",
@@ -97,10 +125,62 @@ def scaling(paths: list[str], out: str | None) -> int:
     return 0
 
 
+def startup(args: argparse.Namespace, cfg) -> None:
+    """Launch the main job ``args.repeat`` times, each in a fresh run folder, logging every
+    step; report the median time to its first step and what one process spends on each part."""
+    import statistics
+    import tempfile
+
+    from alexnet_mp.microbench import startup_parts, time_to_first_step
+
+    if args.startup < 1 or args.repeat < 1:
+        raise UserError("--startup takes a number of ranks >= 1, --repeat >= 1")
+    script = str(ROOT / "launch" / "train.py")
+    runs = []
+    for _ in range(args.repeat):
+        with tempfile.TemporaryDirectory() as tmp:
+            metrics = Path(tmp) / "run" / "metrics.jsonl"
+            train = [script, *(["--config", args.config] if args.config else []),
+                     *args.overrides, f"run.dir={Path(tmp) / 'run'}", "run.log_every=1",
+                     "run.progress=false", "train.max_steps=2", "train.resume=none",
+                     "data.test_limit=64"]
+            launcher = ([sys.executable] if args.startup == 1 else
+                        [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                         f"--nproc_per_node={args.startup}"])
+            runs.append(time_to_first_step([*launcher, *train], metrics))
+    figures = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+    parts = startup_parts(cfg)
+    lines = [f"launch to the end of step 1 ({args.startup} rank(s), median of {len(runs)}): "
+             f"{figures['first_step_end_s']:.2f} s; step 2 {figures['second_step_s']:.2f} s; "
+             f"start-up (step 1's end less one step) {figures['startup_s']:.2f} s"]
+    lines += [f"  {name}: {seconds:.3f} s" for name, seconds in parts.items()]
+    print("\n".join(lines), flush=True)
+    if args.out:
+        folder = Path(args.out)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "startup.json").write_text(json.dumps(
+            {"ranks": args.startup, "runs": runs, "median": figures, "parts": parts}, indent=1))
+
+
+def lrn(args: argparse.Namespace, cfg, open_layout) -> None:
+    from alexnet_mp.microbench import lrn_bench, lrn_markdown
+
+    open_layout("alexnet_columns")  # one process: its threads, as a one-rank run sets them
+    rows = lrn_bench(cfg, max(2, args.repeat))
+    print(lrn_markdown(rows), flush=True)
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "lrn.json").write_text(json.dumps(rows, indent=1))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.scaling_table:
         return scaling(args.scaling_table, args.out)
+    if args.startup is not None:
+        return run_entry(args, lambda cfg, open_layout: startup(args, cfg))
+    if args.lrn:
+        return run_entry(args, lambda cfg, open_layout: lrn(args, cfg, open_layout))
 
     def analytic(cfg, open_layout) -> None:
         from alexnet_mp.bench import analytic_table
@@ -115,11 +195,13 @@ def main(argv: list[str] | None = None) -> int:
         print(analytic_table(cfg, worlds))
 
     def body(cfg, open_layout) -> None:
+        from alexnet_mp.bench import MODES, layouts_for, run_bench
+
         modes = [m for m in args.data.split(",") if m]
-        bad = [m for m in modes if m not in ("synthetic", "loader")]
-        if bad or not modes or args.steps < 1 or args.warmup < 0:
-            raise UserError("--data takes synthetic and/or loader, --steps >= 1, --warmup >= 0")
-        from alexnet_mp.bench import layouts_for, run_bench
+        bad = [m for m in modes if m not in MODES]
+        if bad or not modes or args.steps < 1 or args.warmup < 0 or args.repeat < 1:
+            raise UserError(f"--data takes {', '.join(MODES)}; --steps >= 1, --warmup >= 0, "
+                            "--repeat >= 1")
 
         # The process's own layout: its default group, device and threads. The bench builds
         # each layout's mesh itself.
@@ -129,7 +211,8 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(args.out) if args.out else Path("runs") / f"{cfg.name}-bench"
         say = print if layout.is_main else (lambda *a, **k: None)
         run_bench(cfg, layout, out, layouts, modes, args.steps, args.warmup,
-                  say=lambda s: say(s, flush=True), profile=args.profile)
+                  say=lambda s: say(s, flush=True), profile=args.profile, repeat=args.repeat,
+                  variants=[v for v in args.variants.split(",") if v])
 
     return run_entry(args, analytic if args.analytic else body)
 

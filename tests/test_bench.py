@@ -211,3 +211,148 @@ def test_the_formula_at_the_papers_size():
     assert split4.allreduce == analytic_traffic("split", cfg, 4, rank=1).allreduce
     assert 2 * split4.allreduce == 4 * params  # both columns' halves of the gradients: all
     assert "60,965,224 parameters" in analytic_table(cfg, [2, 4])
+
+
+# -- decisive comparisons: rounds, intervals, verdicts, attribution ----------------------------
+
+
+def test_rounds_give_intervals_verdicts_comparisons_and_a_per_layer_table(tmp_path):
+    """Two interleaved rounds of one timed step: every figure gets an interval, every target a
+    verdict, the old LRN a comparison, and the profiled split a per-layer table on both ranks
+    whose FLOPs add up to the step's. Counts only; how fast anything ran is never asserted."""
+    out = tmp_path / "rounds"
+    report = torchrun_bench(2, out, "--layouts", "grouped,split", "--data", "synthetic,train",
+                            "--variants", "base,lrn_ref", "--repeat", "2", "--steps", "1",
+                            "--warmup", "0", "--profile", *TINY, "data.name=fake",
+                            "data.fake_size=64")
+    assert report["meta"]["repeat"] == 2
+    results = {(r["layout"], r["variant"], r["data"]): r for r in report["results"]}
+    assert set(results) == {(n, v, m) for n in ("grouped", "split")
+                            for v in ("base", "lrn_ref") for m in ("synthetic", "train")}
+    for key, r in results.items():
+        assert "error" not in r, (key, r.get("error"))
+        assert (r["rounds"], r["steps_per_round"]) == (2, 1)
+        assert [len(v) for v in r["images_per_s_rounds"]] == [1, 1]
+        low, high = r["images_per_s_ci"]
+        assert low <= r["images_per_s"] <= high
+        assert len(r["peak_memory_bytes_rounds"]) == 2
+    split = results[("split", "base", "synthetic")]
+    assert len(split["exchange_wait_s_per_rank"]) == 2
+    assert len(split["exchange_fraction_ci"]) == 2
+    verdicts = {(v["target"], v["layout"]): v for v in report["verdicts"]}
+    assert set(verdicts) == {("split_vs_grouped", "split"), ("memory_vs_grouped", "split"),
+                             ("exchange_fraction", "split"), ("flops_fraction", "grouped"),
+                             ("flops_fraction", "split"), ("train_vs_synthetic", "grouped"),
+                             ("train_vs_synthetic", "split")}
+    for v in verdicts.values():
+        assert v["verdict"] in ("met", "missed", "undecided")
+        assert v["ci"][0] <= v["ci"][1] and v["variant"] == "base"
+    assert verdicts[("flops_fraction", "split")]["threshold"] == 0.45  # not the paper's size
+    compared = {(c["layout"], c["data"], c["variant"]) for c in report["comparisons"]}
+    assert compared == {(n, m, "lrn_ref") for n in ("grouped", "split")
+                        for m in ("synthetic", "train")}
+    table = split["attribution"]
+    assert len(table["ranks"]) == 2
+    for lines, flops in zip(table["ranks"], table["flops"]):
+        for layer in ("conv1", "conv3", "fc6", "fc8", "LRN", "pooling", "exchanges (forward)",
+                      "exchanges (backward)", "guard", "optimizer"):
+            assert layer in lines, layer
+        assert set(flops) == {"conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8"}
+    # The layers' FLOPs, from the shapes each saw, are the step's as torch's counter has it.
+    per_layer = sum(sum(f) for flops in table["flops"] for f in flops.values())
+    assert per_layer == split["flops_step"]
+    md = (out / "bench.md").read_text()
+    assert "## Targets" in md and "## Where the time goes" in md and "lrn_ref" in md
+    assert (out / "profile-split+lrn_ref-rank1.txt").is_file()
+
+
+def test_paired_rounds_decide_what_drift_would_hide():
+    """Rounds drift by a factor of 3; inside each, B is 10 % faster than A. Resampling the same
+    rounds for both finds the 10 %; the rounds' spread alone would straddle 1."""
+    from alexnet_mp import benchstats
+
+    drift = [1.0, 3.0, 1.5, 2.5, 2.0]
+    a = [[d * (1 + 0.01 * k) for k in range(4)] for d in drift]
+    b = [[1.1 * v for v in r] for r in a]
+    value, low, high = benchstats.ratio_interval(b, a)
+    assert low > 1.05 and high < 1.15 and abs(value - 1.1) < 1e-9
+    pooled_b = sorted(v for r in b for v in r)
+    pooled_a = sorted(v for r in a for v in r)
+    assert pooled_b[0] / pooled_a[-1] < 1 < pooled_b[-1] / pooled_a[0]
+    assert benchstats.verdict(low, high, 1.0, at_least=True) == "met"
+    assert benchstats.verdict(0.9, 1.2, 1.0, at_least=True) == "undecided"
+    assert benchstats.verdict(0.7, 0.9, 1.0, at_least=True) == "missed"
+    assert benchstats.verdict(0.02, 0.04, 0.05, at_least=False) == "met"
+    assert benchstats.verdict(0.06, 0.08, 0.05, at_least=False) == "missed"
+    assert benchstats.flop_target(227, 128).threshold == 0.60
+    assert benchstats.flop_target(96, 64).threshold == 0.45
+
+
+def test_waiting_for_a_peer_is_told_from_the_exchanges_own_cost():
+    from alexnet_mp.bench import _waits
+
+    # One step, two exchanges: rank 0 arrived 4 s early at the first, rank 1 3 s at the second.
+    calls = [[[("forward", 5.0), ("backward", 1.0)]], [[("forward", 1.0), ("backward", 4.0)]]]
+    waits = _waits(calls, [[0, 1]])
+    assert waits[0][0] == {"forward": 4.0, "backward": 0.0}
+    assert waits[1][0] == {"forward": 0.0, "backward": 3.0}
+
+
+def test_every_millisecond_of_a_profiled_step_is_attributed():
+    """In one process: the lines add up to the phases' time, and the matmul-like layers' FLOPs
+    to torch's own count."""
+    from torch.profiler import ProfilerActivity, profile
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from alexnet_mp import attribution
+    from alexnet_mp.bench import grouped_conv_backward_flop
+    from alexnet_mp.models.columns import Arch, ColumnAlexNet, canonical_init
+
+    arch = Arch(num_classes=10, in_channels=1, image_size=67, width=0.125)
+    model = ColumnAlexNet(arch, generator=torch.Generator().manual_seed(1))
+    model.load_state_dict(canonical_init(arch, "kaiming", seed=0))
+    x, y = torch.randn(4, 1, 67, 67), torch.tensor([0, 1, 2, 3])
+    fixed = {torch.ops.aten.convolution_backward: grouped_conv_backward_flop}
+    with FlopCounterMode(display=False, custom_mapping=fixed) as counter:
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+    with attribution.LayerRanges(model) as ranges, \
+            profile(activities=[ProfilerActivity.CPU]) as prof:
+        with attribution.phase("forward"):
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+        with attribution.phase("backward"):
+            loss.backward()
+        with attribution.phase("optimizer"):
+            model.zero_grad()
+    lines = attribution.attribute(prof.events(), steps=1)
+    phases = sum(e.time_range.elapsed_us() / 1e6 for e in prof.events()
+                 if e.name.startswith("step::"))
+    assert abs(sum(sum(v.values()) for v in lines.values()) - phases) < 1e-3 * phases + 1e-6
+    for layer in ("conv1", "conv5", "fc6", "fc8", "LRN", "pooling"):
+        assert lines[layer]["forward"] > 0 and lines[layer]["backward"] > 0, layer
+    assert sum(sum(f) for f in ranges.flops.values()) == counter.get_total_flops()
+
+
+def test_time_to_first_step_reads_the_step_records_as_they_appear(tmp_path):
+    from alexnet_mp.microbench import time_to_first_step
+
+    metrics = tmp_path / "metrics.jsonl"
+    script = ("import json, sys, time\n"
+              "for step in (1, 2):\n"
+              "    time.sleep(0.3)\n"
+              f"    with open({str(metrics)!r}, 'a') as f:\n"
+              "        f.write(json.dumps({'kind': 'step', 'step': step}) + '\\n')\n")
+    t = time_to_first_step([sys.executable, "-c", script], metrics, timeout=60)
+    assert 0 < t["first_step_end_s"] < t["first_step_end_s"] + t["second_step_s"] <= t["exit_s"]
+    assert t["startup_s"] == pytest.approx(t["first_step_end_s"] - t["second_step_s"])
+
+
+def test_variants_are_checked_and_named():
+    from alexnet_mp.bench import Variant, rank_cores
+    from alexnet_mp.errors import UserError
+
+    assert Variant.parse("base").name == "base"
+    assert Variant.parse("pinned+lrn_ref").name == "lrn_ref+pinned"
+    with pytest.raises(UserError, match="unknown bench variant flag"):
+        Variant.parse("lrn_ref+turbo")
+    assert rank_cores({0, 1}, 0, 2) == {0} and rank_cores({0, 1}, 1, 2) == {1}
+    assert rank_cores({4, 5, 6, 7}, 1, 2) == {6, 7}
