@@ -52,13 +52,22 @@ class NonFiniteError(UserError):
 class Precision:
     """Autocast and (for fp16 on CUDA) a gradient scaler, or plain fp32."""
 
-    def __init__(self, amp: str, device: torch.device) -> None:
+    def __init__(self, amp: str, device: torch.device, group=None) -> None:
         if amp == "fp16" and device.type != "cuda":
             raise UserError(f"train.amp=fp16 needs CUDA (this run is on {device.type}); use "
                             "train.amp=bf16 or none")
         self.device = device
         self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
-        self.scaler = torch.amp.GradScaler("cuda") if amp == "fp16" else None
+        self.scaler = None
+        if amp == "fp16" and group is not None:
+            # Each rank holds other parameters (columns, FC rows): a scaler deciding from its
+            # own gradients alone would skip a step on one rank and take it on the other. The
+            # sharded scaler agrees on "found inf" over the group, so all skip or step together.
+            from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+            self.scaler = ShardedGradScaler("cuda", process_group=group)
+        elif amp == "fp16":
+            self.scaler = torch.amp.GradScaler("cuda")
 
     def autocast(self):
         if self.dtype is None:

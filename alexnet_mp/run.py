@@ -97,7 +97,8 @@ class Trainer:
             self.lock = runfolder.prepare(self.out, self.ckdir)
         self.log = MetricsLog(self.out / "metrics.jsonl", enabled=layout.is_main,
                               tensorboard=self.out if cfg.run.tensorboard else None)
-        self.precision = Precision(cfg.train.amp, layout.device)
+        self.precision = Precision(cfg.train.amp, layout.device,
+                                   layout.step_group if layout.distributed else None)
         data = build_data(cfg.data, num_classes=cfg.model.num_classes,
                           in_channels=cfg.model.in_channels, seed=cfg.train.seed)
         pin = layout.device.type == "cuda"
