@@ -1,7 +1,7 @@
 """The layout comparison: the same global batch, image size and cores for every layout, on 1, 2,
 4 or more ranks.
 
-Layouts (DESIGN §5), each placed on the training path's own (replica x column) mesh
+Layouts (README, "Growing"), each placed on the training path's own (replica x column) mesh
 (``alexnet_mp.parallel.layout``) for the world size the bench runs on:
 
 - ``d2l``, ``grouped``: one device (rank 0, with the cores of every rank on its node, while the

@@ -1,4 +1,4 @@
-"""Layout-free checkpoints (DESIGN §4): the grouped form's state, whichever layout trained it.
+"""Layout-free checkpoints: the grouped form's state, whichever layout trained it (README).
 
 A split run gathers every column's rows to all ranks and rank 0 writes one file; any layout
 loads it by cutting out its rows. Files are written atomically (temporary file, fsync, rename),

@@ -1,4 +1,4 @@
-"""The paper's two-column AlexNet (DESIGN §1): one column per rank, or both in grouped form.
+"""The paper's two-column AlexNet (README): one column per rank, or both in grouped form.
 
 One module serves both layouts. Its parameters carry the grouped form's names, and a column's
 parameter is the grouped one's rows ``slices[name]`` (every layer splits along its output

@@ -1,4 +1,4 @@
-"""The differentiable exchanges X1–X5 between columns (DESIGN §3), on torch's collectives.
+"""The differentiable exchanges X1–X5 between columns (README), on torch's collectives.
 
 X1–X4 feed a layer that reads every column. Each rank's slice of the gathered input is used by
 *different* computations on every rank, so its gradient is the sum over ranks: a reduce-scatter.
