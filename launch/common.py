@@ -48,49 +48,46 @@ def report(exc: UserError) -> int:
     return exc.exit_code
 
 
-def run_entry(args: argparse.Namespace,
-              body: Callable[[Config, Callable[[str], Layout]], int | None]) -> int:
-    """Config from the command line, then ``body(cfg, open_layout)``, whose result is the exit
-    code (None: 0). Bad input becomes one line and its exit code; the process group
-    ``open_layout`` started is closed, on failure too."""
-    opened: list[Layout] = []
-    try:
-        cfg = config_from_args(args)
-
-        def open_layout(model_name: str) -> Layout:
-            opened.append(layout_from_env(cfg, model_name))
-            return opened[-1]
-
-        return body(cfg, open_layout) or 0
-    except UserError as exc:
-        return report(exc)
-    except KeyboardInterrupt:  # a second Ctrl-C: no checkpoint beyond the last one
-        print("interrupted; the newest checkpoint is the last one written", file=sys.stderr,
-              flush=True)
-        return 130
-    finally:
-        for layout in opened:
-            layout.close()
-
-
-def run_checkpoint_entry(body: Callable[[Callable[[Config], Layout]], int | None]) -> int:
-    """For entry points whose config comes from a checkpoint (evaluate, predict), not from
-    ``--config``: ``body(open_layout)``, where ``open_layout(cfg)`` starts this process's place
-    for the model ``cfg`` names (torchrun's variables, or one process). As :func:`run_entry`: bad
-    input is one line and its exit code, and the process group is closed, on failure too."""
+def _guarded(body: Callable[[Callable[[Config, str], Layout]], int | None],
+             interrupted: str) -> int:
+    """``body(open_layout)`` with what every entry point owes its user: bad input is one line and
+    its exit code, Ctrl-C is 130 with ``interrupted`` said, and the process group
+    ``open_layout(cfg, model_name)`` started is closed, on failure too."""
     opened: list[Layout] = []
 
-    def open_layout(cfg: Config) -> Layout:
-        opened.append(layout_from_env(cfg, cfg.model.name))
+    def open_layout(cfg: Config, model_name: str) -> Layout:
+        opened.append(layout_from_env(cfg, model_name))
         return opened[-1]
 
     try:
         return body(open_layout) or 0
     except UserError as exc:
         return report(exc)
-    except KeyboardInterrupt:  # nothing is written before the end, so nothing is half done
-        print("interrupted", file=sys.stderr, flush=True)
+    except KeyboardInterrupt:
+        print(interrupted, file=sys.stderr, flush=True)
         return 130
     finally:
         for layout in opened:
             layout.close()
+
+
+def run_entry(args: argparse.Namespace,
+              body: Callable[[Config, Callable[[str], Layout]], int | None]) -> int:
+    """Config from the command line, then ``body(cfg, open_layout)``, whose result is the exit
+    code (None: 0); see :func:`_guarded`."""
+
+    def with_config(open_layout: Callable[[Config, str], Layout]) -> int | None:
+        cfg = config_from_args(args)
+        return body(cfg, lambda model_name: open_layout(cfg, model_name))
+
+    # A second Ctrl-C during training: no checkpoint beyond the last one written.
+    return _guarded(with_config, "interrupted; the newest checkpoint is the last one written")
+
+
+def run_checkpoint_entry(body: Callable[[Callable[[Config], Layout]], int | None]) -> int:
+    """For entry points whose config comes from a checkpoint (evaluate, predict), not from
+    ``--config``: ``body(open_layout)``, where ``open_layout(cfg)`` starts this process's place
+    for the model ``cfg`` names (torchrun's variables, or one process); see :func:`_guarded`."""
+    # Nothing is written before the end, so an interrupted evaluation leaves nothing half done.
+    return _guarded(lambda open_layout: body(lambda cfg: open_layout(cfg, cfg.model.name)),
+                    "interrupted")
