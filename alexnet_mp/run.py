@@ -26,7 +26,7 @@ from alexnet_mp.errors import PeerLostError, UserError, peer_errors
 from alexnet_mp.guard import StepGuard
 from alexnet_mp.inference import scaled_size, whole_scaled_images
 from alexnet_mp.metrics import MetricsLog, append_json, plot_curves
-from alexnet_mp.models import model_family
+from alexnet_mp.models import dropout_seed, model_family
 from alexnet_mp.optim import build_optimizer, set_hyperparameters
 from alexnet_mp.parallel.build import build_model, compile_model
 from alexnet_mp.parallel.layout import Layout
@@ -55,6 +55,8 @@ class Trainer:
         self.lock: runfolder.RunFolderLock | None = None
         self.resumed_from: Path | None = None
         self.resumed_step = -1
+        self.changes: list[str] = []  # config keys changed since the checkpoint (rank 0)
+        self.saved_step = -1  # the global step of the last checkpoint this run wrote
         error = None
         try:
             self._build()
@@ -163,6 +165,7 @@ class Trainer:
                             "or start a new run.dir")
         if free:
             self.warn(f"resuming with a changed config: {'; '.join(free)}")
+        self.changes = free
         return path, saved
 
     def _fetch(self) -> tuple[Path | None, dict[str, Any] | None]:
@@ -230,10 +233,10 @@ class Trainer:
             if self.layout.device.type == "cuda" and "cuda" in rng:
                 torch.cuda.set_rng_state(rng["cuda"], self.layout.device)
             return
-        fresh = self.cfg.train.seed + 1_000_003 * replica + self.state.global_step
+        fresh = dropout_seed(self.cfg.train.seed, replica) + self.state.global_step
         torch.manual_seed(fresh)
         if hasattr(self.model, "generator"):
-            self.model.generator.manual_seed(fresh + 1)
+            self.model.generator.manual_seed(fresh)
 
     def _apply_changed_hyperparameters(self, saved: dict[str, Any]) -> None:
         """A resumed run that changes train.lr scales the schedule's rates by new/old, so a rate
@@ -258,7 +261,7 @@ class Trainer:
         """config.yaml is the config in force; history.jsonl keeps every start's config."""
         if not self.layout.is_main:
             return
-        changes = resume_changes(saved_cfg, self.cfg)[1] if saved_cfg else []
+        changes = self.changes if saved_cfg else []
         append_json(self.out / "history.jsonl", {
             "event": "eval_only" if self.cfg.train.eval_only else "start",
             "time": datetime.datetime.now().isoformat(timespec="seconds"),
@@ -297,6 +300,7 @@ class Trainer:
             except UserError as exc:
                 error = exc
         self._agree(error)
+        self.saved_step = self.state.global_step
 
     def _write(self, model: dict, optimizer: dict, rng: dict, best: bool) -> None:
         state = {"format": ckpt.FORMAT, "model_name": model_family(self.cfg.model.name),
@@ -417,7 +421,8 @@ class Trainer:
                 targets=layout.loss_targets, reduce=layout.sum_over_replicas)
             self._report_bad_files(self.train_loader)
             if guard.stopping:
-                return self._stopped(guard, saved=False)
+                # A checkpoint_every save at this very step already holds this state.
+                return self._stopped(guard, saved=self.saved_step == self.state.global_step)
             epoch = self.state.epoch + 1
             partial = self.state.step < len_epoch
             if self.state.global_step > step_before:
