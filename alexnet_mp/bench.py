@@ -49,7 +49,7 @@ from torch import nn
 from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 
-from alexnet_mp import attribution, benchstats
+from alexnet_mp import attribution, benchstats, stepmemory
 from alexnet_mp.config import Config
 from alexnet_mp.data import BatchTransform, build_data, make_loader, set_epoch
 from alexnet_mp.engine import Precision, TrainState, train_one_epoch
@@ -605,6 +605,8 @@ def _measure(work: Work, mode: str, cfg: Config, steps: int, warmup: int,
         cache["flops"] = _count_flops(work, x, y)
     out = _timed_steps(work, batches, steps, warmup)
     out["flops_rank"] = cache.get("flops") if mode == "synthetic" else None
+    if first and mode == "synthetic" and "compile" not in variant.flags:
+        out.update(_tensor_memory(work, batches) or {})
     if first:
         if profile is not None and mode == "synthetic":  # after the measurements
             cache["attribution"] = _attribute(work, batches, profile, variant)
@@ -615,6 +617,20 @@ def _measure(work: Work, mode: str, cfg: Config, steps: int, warmup: int,
     if first and cache.get("attribution") is not None:
         out["attribution"] = cache["attribution"]
     return out
+
+
+def _tensor_memory(work: Work, batches: Batches) -> dict[str, Any] | None:
+    """One more step, after the timed ones (the optimizer state exists by then), with every
+    tensor followed (:mod:`alexnet_mp.stepmemory`): exact, so measured once per arm."""
+    x, y = batches.next()
+    work.optimizer.zero_grad(set_to_none=True)
+
+    def step() -> None:
+        loss = work.step(x, y)
+        work.guard.check(loss, work.module)
+        work.optimizer.step()
+
+    return stepmemory.tensor_peak(step, batches.device, work.module, work.optimizer, x, y)
 
 
 def _step_record(work: Work, times: dict[str, list], steps: int) -> dict[str, Any]:
@@ -899,6 +915,12 @@ def _merge(name: str, mode: str, cfg: Config, records: list[dict], world: int) -
     out["peak_memory_bytes_per_rank"] = [r["peak_memory_bytes"] for r in active]
     out["peak_memory_bytes"] = max(out["peak_memory_bytes_per_rank"])
     out["peak_rss_bytes"] = max(r["peak_rss_bytes"] for r in active)
+    if all("peak_tensor_bytes" in r for r in active):
+        tensor = [r["peak_tensor_bytes"] for r in active]
+        out["peak_tensor_bytes_per_rank"] = tensor
+        out["peak_tensor_bytes"] = max(tensor)
+        out["peak_tensor_bytes_by_kind"] = active[tensor.index(max(tensor))][
+            "peak_tensor_bytes_by_kind"]
     out["probe_flops_per_rank"] = [r["probe_flops"] for r in active]
     out["probe_flops"] = sum(out["probe_flops_per_rank"])
     if mode == "synthetic" and all(r.get("flops_rank") for r in active):
@@ -976,13 +998,13 @@ def markdown(results: list[dict]) -> str:
     median over every timed step of every round, with its 95 % interval."""
     head = ("| layout | mesh | data | ranks | images/s | 95 % interval | min–max | step ms | "
             "compute | exchange | of it waiting (max rank) | all-reduce | guard | optimizer | "
-            "exchange MiB/step (analytic) | all-reduce MiB/step (analytic) | peak memory MiB | "
-            "GFLOP/step | of matmul probe |")
-    rows = [head, "|" + " --- |" * 19]
+            "exchange MiB/step (analytic) | all-reduce MiB/step (analytic) | peak tensors MiB | "
+            "peak process MiB | GFLOP/step | of matmul probe |")
+    rows = [head, "|" + " --- |" * 20]
     for r in results:
         if "error" in r:
             rows.append(f"| {_label(r)} | {r['mesh']} | {r['data']} | – | failed: "
-                        f"{r['error'][:80]} |" + " – |" * 14)
+                        f"{r['error'][:80]} |" + " – |" * 15)
             continue
         gflop = f"{r['flops_step'] / 1e9:.1f}" if "flops_step" in r else "–"
         frac = f"{100 * r['flops_fraction']:.0f} %" if "flops_fraction" in r else "–"
@@ -990,6 +1012,7 @@ def markdown(results: list[dict]) -> str:
         wait = max(r.get("exchange_wait_s_per_rank") or [0.0])
         guard = f"{1e3 * r['guard_s']:.0f}" if "guard_s" in r else "–"
         opt = f"{1e3 * r['optimizer_s']:.0f}" if "optimizer_s" in r else "–"
+        tensors = f"{r['peak_tensor_bytes'] / 2**20:.0f}" if "peak_tensor_bytes" in r else "–"
         rows.append(
             f"| {_label(r)} | {r['mesh']} | {r['data']} | {r['ranks']} | "
             f"{r['images_per_s']:.1f} | {low:.1f}–{high:.1f} | "
@@ -1000,9 +1023,25 @@ def markdown(results: list[dict]) -> str:
             f"{1e3 * r['allreduce_s']:.0f} ({100 * r['allreduce_fraction']:.1f} %) | "
             f"{guard} | {opt} | {_mib(r['exchange_bytes_counted'])} "
             f"({_mib(r['exchange_bytes_analytic'])}) | {_mib(r['allreduce_bytes_counted'])} "
-            f"({_mib(r['allreduce_bytes_analytic'])}) | {r['peak_memory_bytes'] / 2**20:.0f} | "
-            f"{gflop} | {frac} |")
+            f"({_mib(r['allreduce_bytes_analytic'])}) | {tensors} | "
+            f"{r['peak_memory_bytes'] / 2**20:.0f} | {gflop} | {frac} |")
     return "\n".join(rows)
+
+
+def memory_markdown(results: list[dict]) -> str:
+    """Where the memory goes: the tensors alive at the step's peak, by kind (MiB, the rank
+    with the largest peak)."""
+    kinds = list(dict.fromkeys(stepmemory.KINDS.values()))
+    rows = ["| layout | data | " + " | ".join(kinds) + " | total |",
+            "|" + " --- |" * (len(kinds) + 3)]
+    for r in results:
+        parts = r.get("peak_tensor_bytes_by_kind")
+        if not parts:
+            continue
+        cells = " | ".join(f"{parts.get(k, 0) / 2**20:.1f}" for k in kinds)
+        rows.append(f"| {_label(r)} | {r['data']} | {cells} | "
+                    f"{r['peak_tensor_bytes'] / 2**20:.1f} |")
+    return "\n".join(rows) if len(rows) > 2 else ""
 
 
 def attribution_markdown(results: list[dict]) -> str:
@@ -1025,6 +1064,12 @@ def report_markdown(results: list[dict], verdicts: list[dict], comparisons: list
                  "round (ratios resample the same rounds for both sides). met: the interval "
                  "lies on the good side of the threshold; missed: on the bad side; undecided: "
                  "it straddles the threshold.\n\n" + benchstats.verdict_table(verdicts))
+    memory = memory_markdown(results)
+    if memory:
+        parts.append("## Where the memory goes (tensors alive at the step's peak, MiB)\n\n"
+                     "Every tensor storage followed through one step (torch's MemTracker); "
+                     "the process's own peak (resident memory on the CPU) is in the first "
+                     "table.\n\n" + memory)
     if comparisons:
         parts.append("## Variants against base (same run, same rounds)\n\n"
                      + benchstats.comparison_table(comparisons))

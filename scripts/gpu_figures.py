@@ -10,7 +10,8 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 KEEP = ("layout", "variant", "data", "ranks", "images_per_s", "images_per_s_ci", "step_s",
-        "step_s_ci", "guard_s", "optimizer_s", "peak_memory_bytes", "flops_step",
+        "step_s_ci", "guard_s", "optimizer_s", "peak_memory_bytes", "peak_tensor_bytes",
+        "peak_tensor_bytes_by_kind", "flops_step",
         "flops_fraction", "probe_flops", "rounds", "steps_per_round", "error")
 
 

@@ -241,6 +241,7 @@ def test_rounds_give_intervals_verdicts_comparisons_and_a_per_layer_table(tmp_pa
     assert len(split["exchange_fraction_ci"]) == 2
     verdicts = {(v["target"], v["layout"]): v for v in report["verdicts"]}
     assert set(verdicts) == {("split_vs_grouped", "split"), ("memory_vs_grouped", "split"),
+                             ("process_memory_vs_grouped", "split"),
                              ("exchange_fraction", "split"), ("flops_fraction", "grouped"),
                              ("flops_fraction", "split"), ("train_vs_synthetic", "grouped"),
                              ("train_vs_synthetic", "split")}
@@ -251,6 +252,23 @@ def test_rounds_give_intervals_verdicts_comparisons_and_a_per_layer_table(tmp_pa
     compared = {(c["layout"], c["data"], c["variant"]) for c in report["comparisons"]}
     assert compared == {(n, m, "lrn_ref") for n in ("grouped", "split")
                         for m in ("synthetic", "train")}
+    # The tensor memory is a count: the parameters are the architecture's, per column on the
+    # split; momentum at least matches them (the optimizer's step adds its own temporaries);
+    # every rank holds the whole batch (8 images of 67 px, labels).
+    from alexnet_mp.bench import _arch, _params
+    from alexnet_mp.config import load_config
+
+    arch = _arch(load_config(None, TINY))
+    grouped = results[("grouped", "base", "synthetic")]
+    assert verdicts[("memory_vs_grouped", "split")]["value"] == pytest.approx(
+        split["peak_tensor_bytes"] / grouped["peak_tensor_bytes"])
+    for r, params in ((grouped, _params(arch)), (split, _params(arch, 0))):
+        kinds = r["peak_tensor_bytes_by_kind"]
+        assert kinds["parameters"] == 4 * sum(params.values())
+        assert kinds["optimizer state"] >= kinds["parameters"]
+        assert kinds["other (the batch)"] == 4 * 8 * 67 * 67 + 8 * 8
+        assert sum(kinds.values()) == r["peak_tensor_bytes"]
+    assert split["peak_tensor_bytes_per_rank"][0] == split["peak_tensor_bytes_per_rank"][1]
     table = split["attribution"]
     assert len(table["ranks"]) == 2
     for lines, flops in zip(table["ranks"], table["flops"]):
@@ -263,6 +281,7 @@ def test_rounds_give_intervals_verdicts_comparisons_and_a_per_layer_table(tmp_pa
     assert per_layer == split["flops_step"]
     md = (out / "bench.md").read_text()
     assert "## Targets" in md and "## Where the time goes" in md and "lrn_ref" in md
+    assert "## Where the memory goes" in md
     assert (out / "profile-split+lrn_ref-rank1.txt").is_file()
 
 

@@ -210,13 +210,15 @@ class ColumnExchange:
         pending = start_gather(x, self.group, self.meter)
         # The layer is linear in its input channels: apply our own half of the weights while
         # the other halves are in flight, then add their contributions when they arrive.
-        own = slice(self.column * width, (self.column + 1) * width)
-        y = _apply(layer, x, layer.weight[:, own], layer.bias)
+        # One split, not a slice per part: a slice's backward allocates a zero-filled gradient
+        # of the whole weight for each part and adds them (two fc7-sized temporaries); the
+        # split's backward writes every part into one.
+        parts = layer.weight.split(width, dim=1)
+        y = _apply(layer, x, parts[self.column], layer.bias)
         gathered = finish(pending, self.meter)
         for c in range(self.columns):
             if c != self.column:
-                part = layer.weight[:, c * width:(c + 1) * width]
-                y = y + _apply(layer, gathered[c * n:(c + 1) * n], part, None)
+                y = y + _apply(layer, gathered[c * n:(c + 1) * n], parts[c], None)
         return y
 
     def logits(self, x: torch.Tensor, sizes: list[int]) -> torch.Tensor:

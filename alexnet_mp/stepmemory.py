@@ -1,0 +1,51 @@
+"""The tensor memory of one training step, by kind, on any device.
+
+CUDA has an allocator that counts (``max_memory_allocated``); the CPU has none, and a process's
+resident memory is a poor stand-in for comparing layouts: it also holds the interpreter, the
+communication library's buffers and whatever the C heap kept from earlier work, and it rises by
+less than a layout allocates when the heap reuses memory another layout freed. torch's
+``MemTracker`` follows every tensor storage an operator creates, until it is freed, and sorts it
+into parameters, gradients, optimizer state, activations (saved for backward) and temporaries:
+the same figure on every device, exact and repeatable, so that the memory target can be judged
+without noise. It is a private torch tool; without it the figure is simply absent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+try:
+    from torch.distributed._tools.mem_tracker import MemTracker
+except ImportError:  # pragma: no cover - torch releases before the tool existed
+    MemTracker = None
+
+# MemTracker's kinds, by the names the report uses.
+KINDS = {"Parameter": "parameters", "Gradient": "gradients", "Optstate": "optimizer state",
+         "Activation": "activations", "Temp": "temporaries", "Buffer": "buffers",
+         "Other": "other (the batch)"}
+
+
+def tensor_peak(step: Callable[[], Any], device: torch.device, model: nn.Module,
+                optimizer: torch.optim.Optimizer,
+                *tensors: torch.Tensor) -> dict[str, Any] | None:
+    """Run ``step`` once and return the peak of live tensor bytes on ``device`` and its parts
+    at that moment, or None where torch lacks the tracker.
+
+    ``model``'s parameters and gradients, ``optimizer``'s state and ``tensors`` (the batch)
+    existed before the step: they are counted from the start, as they occupy memory throughout.
+    """
+    if MemTracker is None:
+        return None
+    tracker = MemTracker()
+    tracker.track_external(model, optimizer, *tensors)
+    with tracker:
+        step()
+    snapshot = tracker.get_tracker_snapshot("peak").get(device, {})
+    kinds = {KINDS.get(getattr(k, "value", str(k)), str(k)): int(v)
+             for k, v in snapshot.items() if k != "Total"}
+    return {"peak_tensor_bytes": int(snapshot.get("Total", 0)),
+            "peak_tensor_bytes_by_kind": {k: v for k, v in kinds.items() if v}}
