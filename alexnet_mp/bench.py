@@ -49,7 +49,7 @@ from torch import nn
 from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 
-from alexnet_mp import attribution, benchstats, stepmemory
+from alexnet_mp import attribution, benchstats, exchangefloor, stepmemory
 from alexnet_mp.config import Config
 from alexnet_mp.data import BatchTransform, build_data, make_loader, set_epoch
 from alexnet_mp.engine import Precision, TrainState, train_one_epoch
@@ -59,7 +59,7 @@ from alexnet_mp.guard import StepGuard
 from alexnet_mp.models import arch_of
 from alexnet_mp.models.columns import COLUMNS, Arch, ColumnAlexNet, ColumnLRN, even_split, sides
 from alexnet_mp.parallel.build import build_model
-from alexnet_mp.parallel.exchange import Meter
+from alexnet_mp.parallel.exchange import ColumnExchange, Meter
 from alexnet_mp.parallel.hybrid import HEAD
 from alexnet_mp.parallel.layout import Layout, ParallelDims, mesh_layout, parallel_dims
 
@@ -145,12 +145,13 @@ class TrafficMeter(Meter):
         super().__init__(device)
         self.exchange_bytes = 0
         self.phase = "forward"  # set by the step: which phase the next exchanges belong to
-        self.calls: list[tuple[str, float]] = []
+        # (phase, seconds, collective, elements put in) per exchange, in order
+        self.calls: list[tuple[str, float, str, int]] = []
 
-    def stop(self, started: float, received: int = 0) -> None:
+    def stop(self, started: float, received: int = 0, call: tuple[str, int] | None = None) -> None:
         seconds = self.seconds
-        super().stop(started, received)
-        self.calls.append((self.phase, self.seconds - seconds))
+        super().stop(started, received, call)
+        self.calls.append((self.phase, self.seconds - seconds, *(call or ("", 0))))
         self.exchange_bytes += received
 
     @property
@@ -605,6 +606,10 @@ def _measure(work: Work, mode: str, cfg: Config, steps: int, warmup: int,
         cache["flops"] = _count_flops(work, x, y)
     out = _timed_steps(work, batches, steps, warmup)
     out["flops_rank"] = cache.get("flops") if mode == "synthetic" else None
+    if mode == "synthetic":
+        floor = _exchange_floor(work, out["calls_steps"][-1], max(steps, 3))
+        if floor is not None:
+            out["exchange_floor_s_steps"] = floor
     if first and mode == "synthetic" and "compile" not in variant.flags:
         out.update(_tensor_memory(work, batches) or {})
     if first:
@@ -617,6 +622,15 @@ def _measure(work: Work, mode: str, cfg: Config, steps: int, warmup: int,
     if first and cache.get("attribution") is not None:
         out["attribution"] = cache["attribution"]
     return out
+
+
+def _exchange_floor(work: Work, calls: list, repeats: int) -> list[float] | None:
+    """The last timed step's exchanges replayed alone (:mod:`alexnet_mp.exchangefloor`), every
+    round, so that the floor gets an interval from the same rounds as the step."""
+    exchange = getattr(work.module, "exchange", None)
+    if not isinstance(exchange, ColumnExchange) or not calls:
+        return None
+    return exchangefloor.replay(calls, exchange.group, work.layout.device, repeats)
 
 
 def _tensor_memory(work: Work, batches: Batches) -> dict[str, Any] | None:
@@ -817,7 +831,7 @@ def _waits(calls: list[list[list]], groups: list[list[int]]) -> list[list[dict[s
             for k in range(len(per[0])):
                 fastest = min(p[k][1] for p in per)
                 for r, p in zip(group, per):
-                    phase, seconds = p[k]
+                    phase, seconds = p[k][:2]
                     out[r][i][phase] = out[r][i].get(phase, 0.0) + seconds - fastest
     return out
 
@@ -889,6 +903,10 @@ def _merge(name: str, mode: str, cfg: Config, records: list[dict], world: int) -
     for key in ("step_s", "exchange_s", "fwd_bwd_s", "guard_s", "optimizer_s"):
         if f"{key}_steps" in active[0]:
             out[f"{key}_steps"] = [max(r[f"{key}_steps"][i] for r in active) for i in range(n)]
+    if all("exchange_floor_s_steps" in r for r in active):
+        floors = [r["exchange_floor_s_steps"] for r in active]
+        out["exchange_floor_s_steps"] = [max(f[i] for f in floors)
+                                         for i in range(min(map(len, floors)))]
     out["ranks"] = len(active)
     # Per rank: a rank that waits long in the exchanges is waiting for a slower peer.
     out["step_s_per_rank"] = [statistics.median(r["step_s_steps"]) for r in active]
@@ -900,6 +918,8 @@ def _merge(name: str, mode: str, cfg: Config, records: list[dict], world: int) -
     out["exchange_wait_s_per_rank"] = [
         statistics.median(s["forward"] + s["backward"] for s in w) if w else 0.0 for w in waits]
     out["exchange_wait_by_call_s_per_rank"] = _waits_by_call(calls, _groups(name, active))
+    # What the exchanges of a step are: phase, collective, elements this rank put in.
+    out["exchange_calls"] = [[c[0], *c[2:]] for c in (calls[0][-1] if calls[0] else [])]
     if "guard_s_steps" in active[0]:
         out["guard_s_per_rank"] = [statistics.median(r["guard_s_steps"]) for r in active]
         out["guard_wait_s_per_rank"] = _guard_waits(active)
@@ -945,7 +965,8 @@ def merge_rounds(rounds: list[dict], batch: int) -> dict:
     if not ok:
         return dict(rounds[0])
     out = {k: v for k, v in ok[0].items() if not k.endswith("_steps")}
-    for key in ("step_s", "exchange_s", "fwd_bwd_s", "guard_s", "optimizer_s"):
+    for key in ("step_s", "exchange_s", "fwd_bwd_s", "guard_s", "optimizer_s",
+                "exchange_floor_s"):
         if all(f"{key}_steps" in r for r in ok):
             out[f"{key}_rounds"] = [r[f"{key}_steps"] for r in ok]
     out["images_per_s_rounds"] = [[batch / t for t in r["step_s_steps"]] for r in ok]
@@ -978,6 +999,9 @@ def merge_rounds(rounds: list[dict], batch: int) -> dict:
     out["step_s_ci"] = list(benchstats.median_interval(out["step_s_rounds"])[1:])
     out["exchange_fraction_ci"] = list(benchstats.share_interval(
         out["exchange_s_rounds"], out["step_s_rounds"])[1:])
+    if "exchange_floor_s_rounds" in out:
+        share = benchstats.ratio_interval(out["exchange_floor_s_rounds"], out["step_s_rounds"])
+        out["exchange_floor_fraction"], out["exchange_floor_fraction_ci"] = share[0], [*share[1:]]
     if out.get("flops_step"):
         out["achieved_flops"] = out["flops_step"] / out["step_s"]
         out["flops_fraction"] = out["achieved_flops"] / out["probe_flops"]
@@ -997,14 +1021,15 @@ def markdown(results: list[dict]) -> str:
     """One run's table: rank 0's traffic, the largest peak memory of any rank; images/s is the
     median over every timed step of every round, with its 95 % interval."""
     head = ("| layout | mesh | data | ranks | images/s | 95 % interval | min–max | step ms | "
-            "compute | exchange | of it waiting (max rank) | all-reduce | guard | optimizer | "
+            "compute | exchange | of it waiting (max rank) | exchange floor | all-reduce | guard | "
+            "optimizer | "
             "exchange MiB/step (analytic) | all-reduce MiB/step (analytic) | peak tensors MiB | "
             "peak process MiB | GFLOP/step | of matmul probe |")
-    rows = [head, "|" + " --- |" * 20]
+    rows = [head, "|" + " --- |" * 21]
     for r in results:
         if "error" in r:
             rows.append(f"| {_label(r)} | {r['mesh']} | {r['data']} | – | failed: "
-                        f"{r['error'][:80]} |" + " – |" * 15)
+                        f"{r['error'][:80]} |" + " – |" * 16)
             continue
         gflop = f"{r['flops_step'] / 1e9:.1f}" if "flops_step" in r else "–"
         frac = f"{100 * r['flops_fraction']:.0f} %" if "flops_fraction" in r else "–"
@@ -1013,13 +1038,15 @@ def markdown(results: list[dict]) -> str:
         guard = f"{1e3 * r['guard_s']:.0f}" if "guard_s" in r else "–"
         opt = f"{1e3 * r['optimizer_s']:.0f}" if "optimizer_s" in r else "–"
         tensors = f"{r['peak_tensor_bytes'] / 2**20:.0f}" if "peak_tensor_bytes" in r else "–"
+        floor = (f"{1e3 * r['exchange_floor_s']:.0f} ({100 * r['exchange_floor_fraction']:.1f} %)"
+                 if "exchange_floor_fraction" in r else "–")
         rows.append(
             f"| {_label(r)} | {r['mesh']} | {r['data']} | {r['ranks']} | "
             f"{r['images_per_s']:.1f} | {low:.1f}–{high:.1f} | "
             f"{r['images_per_s_min']:.1f}–{r['images_per_s_max']:.1f} | "
             f"{1e3 * r['step_s']:.0f} | {1e3 * r['compute_s']:.0f} | "
             f"{1e3 * r['exchange_s']:.0f} ({100 * r['exchange_fraction']:.1f} %) | "
-            f"{1e3 * wait:.0f} | "
+            f"{1e3 * wait:.0f} | {floor} | "
             f"{1e3 * r['allreduce_s']:.0f} ({100 * r['allreduce_fraction']:.1f} %) | "
             f"{guard} | {opt} | {_mib(r['exchange_bytes_counted'])} "
             f"({_mib(r['exchange_bytes_analytic'])}) | {_mib(r['allreduce_bytes_counted'])} "

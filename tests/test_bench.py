@@ -238,10 +238,21 @@ def test_rounds_give_intervals_verdicts_comparisons_and_a_per_layer_table(tmp_pa
         assert len(r["peak_memory_bytes_rounds"]) == 2
     split = results[("split", "base", "synthetic")]
     assert len(split["exchange_wait_s_per_rank"]) == 2
+    # A step's exchanges, in order: X1-X4 started and waited for, X5, then the four gathers'
+    # reduce-scatters in backward; the floor replays exactly these, every round.
+    calls = [tuple(c) for c in split["exchange_calls"]]
+    assert [c[:2] for c in calls] == [("forward", "all_gather"), ("forward", "wait")] * 4 + [
+        ("forward", "all_gather_rows")] + [("backward", "reduce_scatter")] * 4
+    gathered = [c[2] for c in calls if c[1] == "all_gather"]
+    assert sorted(gathered) == sorted(c[2] for c in calls if c[1] == "reduce_scatter")
+    assert 4 * sum(gathered) * 2 + 4 * calls[8][2] == split["exchange_bytes_counted"]
+    assert len(split["exchange_floor_s_rounds"]) == 2
+    assert all(t > 0 for r in split["exchange_floor_s_rounds"] for t in r)
     assert len(split["exchange_fraction_ci"]) == 2
     verdicts = {(v["target"], v["layout"]): v for v in report["verdicts"]}
     assert set(verdicts) == {("split_vs_grouped", "split"), ("memory_vs_grouped", "split"),
                              ("process_memory_vs_grouped", "split"),
+                             ("exchange_floor_fraction", "split"),
                              ("exchange_fraction", "split"), ("flops_fraction", "grouped"),
                              ("flops_fraction", "split"), ("train_vs_synthetic", "grouped"),
                              ("train_vs_synthetic", "split")}

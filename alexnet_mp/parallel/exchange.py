@@ -58,23 +58,25 @@ class Meter:
             torch.cuda.synchronize()
         return time.perf_counter()
 
-    def stop(self, started: float, received: int = 0) -> None:
+    def stop(self, started: float, received: int = 0, call: tuple[str, int] | None = None) -> None:
+        """``call``: which collective, and how many elements this rank put in (a subclass may
+        keep them, to replay the step's collectives alone)."""
         if self.sync:
             torch.cuda.synchronize()
         self.seconds += time.perf_counter() - started
         self.bytes += received
 
     @contextlib.contextmanager
-    def timed(self, received: int = 0) -> Iterator[None]:
+    def timed(self, received: int = 0, call: tuple[str, int] | None = None) -> Iterator[None]:
         started = self.start()
         try:
             yield
         finally:
-            self.stop(started, received)
+            self.stop(started, received, call)
 
 
-def _timed(meter: Meter | None, received: int = 0):
-    return meter.timed(received) if meter is not None else contextlib.nullcontext()
+def _timed(meter: Meter | None, received: int = 0, call: tuple[str, int] | None = None):
+    return meter.timed(received, call) if meter is not None else contextlib.nullcontext()
 
 
 def _nbytes(t: torch.Tensor) -> int:
@@ -86,7 +88,7 @@ def _group(group: dist.ProcessGroup | None) -> dist.ProcessGroup:
     return group if group is not None else dist.group.WORLD
 
 
-def _meter_backward(gathered: torch.Tensor, meter: Meter, received: int) -> None:
+def _meter_backward(gathered: torch.Tensor, meter: Meter, received: int, numel: int) -> None:
     """Time and count the reduce-scatter that torch runs in the gather's backward.
 
     Hooks on the gather's own autograd node bracket exactly that collective; a hook on a tensor
@@ -97,11 +99,13 @@ def _meter_backward(gathered: torch.Tensor, meter: Meter, received: int) -> None
         node = node.next_functions[0][0] if node.next_functions else None
         seen += 1
     if node is None or "all_gather" not in type(node).__name__:
-        gathered.register_hook(lambda g: meter.stop(meter.start(), received))
+        gathered.register_hook(lambda g: meter.stop(meter.start(), received,
+                                                    ("reduce_scatter", numel)))
         return
     started: list[float] = []
     node.register_prehook(lambda grads: started.append(meter.start()))
-    node.register_hook(lambda grads_in, grads_out: meter.stop(started.pop(), received))
+    node.register_hook(lambda grads_in, grads_out: meter.stop(started.pop(), received,
+                                                              ("reduce_scatter", numel)))
 
 
 def start_gather(x: torch.Tensor, group: dist.ProcessGroup | None = None,
@@ -112,16 +116,17 @@ def start_gather(x: torch.Tensor, group: dist.ProcessGroup | None = None,
     """
     group = _group(group)
     received = (group.size() - 1) * _nbytes(x)
-    with peer_errors("an exchange (all-gather)"), _timed(meter, received):
+    with peer_errors("an exchange (all-gather)"), _timed(meter, received,
+                                                         ("all_gather", x.numel())):
         out = _all_gather(x.contiguous(), 0, group)
     if meter is not None and out.requires_grad:
-        _meter_backward(out, meter, received)
+        _meter_backward(out, meter, received, x.numel())
     return out
 
 
 def finish(pending: torch.Tensor, meter: Meter | None = None) -> torch.Tensor:
     """Wait for a gather from :func:`start_gather` (a no-op if it has finished)."""
-    with peer_errors("an exchange (all-gather)"), _timed(meter):  # only the wait compute left
+    with peer_errors("an exchange (all-gather)"), _timed(meter, 0, ("wait", 0)):
         return funcol.wait_tensor(pending)
 
 
@@ -159,7 +164,8 @@ def gather_rows(t: torch.Tensor, sizes: list[int], group: dist.ProcessGroup | No
     rows = max(sizes)
     padded = _padded_rows(t, rows)
     parts = [t.new_empty((rows, *t.shape[1:])) for _ in sizes]
-    with peer_errors("gathering rows"), _timed(meter, (len(sizes) - 1) * _nbytes(padded)):
+    with peer_errors("gathering rows"), _timed(meter, (len(sizes) - 1) * _nbytes(padded),
+                                               ("all_gather_rows", padded.numel())):
         dist.all_gather(parts, padded, group=group)
     return torch.cat([p[:n] for p, n in zip(parts, sizes)])
 
