@@ -144,14 +144,17 @@ class TrafficMeter(Meter):
     def __init__(self, device: torch.device | None = None) -> None:
         super().__init__(device)
         self.exchange_bytes = 0
-        self.phase = "forward"  # set by the step: which phase the next exchanges belong to
         # (phase, seconds, collective, elements put in) per exchange, in order
         self.calls: list[tuple[str, float, str, int]] = []
 
     def stop(self, started: float, received: int = 0, call: tuple[str, int] | None = None) -> None:
         seconds = self.seconds
         super().stop(started, received, call)
-        self.calls.append((self.phase, self.seconds - seconds, *(call or ("", 0))))
+        kind, numel = call or ("", 0)
+        # Only the gathers' backward reduce-scatters, which autograd runs, are backward
+        # exchanges; so the phase holds in the training loop too, which does not tell the meter.
+        phase = "backward" if kind == "reduce_scatter" else "forward"
+        self.calls.append((phase, self.seconds - seconds, kind, numel))
         self.exchange_bytes += received
 
     @property
@@ -265,9 +268,7 @@ class Work:
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Forward and backward, as the training loop runs them."""
-        self.meter.phase = "forward"
         loss = self.forward(x, y)
-        self.meter.phase = "backward"
         loss.backward()
         return loss
 
@@ -755,11 +756,9 @@ def _attribute(work: Work, batches: Batches, path: Path, variant: Variant,
             before = len(work.meter.calls)
             with phase("optimizer"):
                 work.optimizer.zero_grad(set_to_none=True)
-            work.meter.phase = "forward"
             with phase("forward"):
                 loss = work.forward(x, y)
                 _sync(device)
-            work.meter.phase = "backward"
             with phase("backward"):
                 loss.backward()
                 _sync(device)
