@@ -98,7 +98,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def scaling(paths: list[str], out: str | None) -> int:
-    from alexnet_mp.bench import scaling_table
+    from alexnet_mp.bench.report import scaling_table
 
     try:
         reports = []
@@ -131,7 +131,7 @@ def startup(args: argparse.Namespace, cfg) -> None:
     import statistics
     import tempfile
 
-    from alexnet_mp.microbench import startup_parts, time_to_first_step
+    from alexnet_mp.bench.micro import startup_parts, time_to_first_step
 
     if args.startup < 1 or args.repeat < 1:
         raise UserError("--startup takes a number of ranks >= 1, --repeat >= 1")
@@ -163,7 +163,7 @@ def startup(args: argparse.Namespace, cfg) -> None:
 
 
 def lrn(args: argparse.Namespace, cfg, open_layout) -> None:
-    from alexnet_mp.microbench import lrn_bench, lrn_markdown
+    from alexnet_mp.bench.micro import lrn_bench, lrn_markdown
 
     open_layout("alexnet_columns")  # one process: its threads, as a one-rank run sets them
     rows = lrn_bench(cfg, max(2, args.repeat))
@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         return run_entry(args, lambda cfg, open_layout: lrn(args, cfg, open_layout))
 
     def analytic(cfg, open_layout) -> None:
-        from alexnet_mp.bench import analytic_table
+        from alexnet_mp.bench.counts import analytic_table
 
         try:
             worlds = [int(w) for w in args.analytic.split(",") if w]
@@ -195,7 +195,8 @@ def main(argv: list[str] | None = None) -> int:
         print(analytic_table(cfg, worlds))
 
     def body(cfg, open_layout) -> None:
-        from alexnet_mp.bench import MODES, layouts_for, run_bench
+        from alexnet_mp.bench.layouts import layouts_for
+        from alexnet_mp.bench.run import MODES, run_bench
 
         modes = [m for m in args.data.split(",") if m]
         bad = [m for m in modes if m not in MODES]

@@ -82,7 +82,7 @@ def test_flop_count_of_a_grouped_conv_equals_its_two_halves():
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from alexnet_mp.bench import grouped_conv_backward_flop
+    from alexnet_mp.bench.counts import grouped_conv_backward_flop
 
     fixed = {torch.ops.aten.convolution_backward: grouped_conv_backward_flop}
     x = torch.randn(4, 12, 9, 9, requires_grad=True)
@@ -180,7 +180,7 @@ def test_scaling_table_refuses_a_file_that_is_not_a_report(tmp_path, capsys):
 
 
 def test_layouts_a_world_size_cannot_run_are_refused_in_one_line():
-    from alexnet_mp.bench import check_layouts, layouts_for
+    from alexnet_mp.bench.layouts import check_layouts, layouts_for
     from alexnet_mp.errors import UserError
 
     assert layouts_for(1) == ["d2l", "grouped"]
@@ -194,7 +194,7 @@ def test_layouts_a_world_size_cannot_run_are_refused_in_one_line():
 
 def test_the_formula_at_the_papers_size():
     """The figures docs/scaling.md projects from: 227 px, global batch 128, 1000 classes."""
-    from alexnet_mp.bench import analytic_table, analytic_traffic
+    from alexnet_mp.bench.counts import analytic_table, analytic_traffic
     from alexnet_mp.config import load_config
 
     cfg = load_config(None, ["model.num_classes=1000", "model.in_channels=3",
@@ -266,14 +266,15 @@ def test_rounds_give_intervals_verdicts_comparisons_and_a_per_layer_table(tmp_pa
     # The tensor memory is a count: the parameters are the architecture's, per column on the
     # split; momentum at least matches them (the optimizer's step adds its own temporaries);
     # every rank holds the whole batch (8 images of 67 px, labels).
-    from alexnet_mp.bench import _arch, _params
+    from alexnet_mp.bench.counts import param_counts
+    from alexnet_mp.bench.work import arch_for
     from alexnet_mp.config import load_config
 
-    arch = _arch(load_config(None, TINY))
+    arch = arch_for(load_config(None, TINY))
     grouped = results[("grouped", "base", "synthetic")]
     assert verdicts[("memory_vs_grouped", "split")]["value"] == pytest.approx(
         split["peak_tensor_bytes"] / grouped["peak_tensor_bytes"])
-    for r, params in ((grouped, _params(arch)), (split, _params(arch, 0))):
+    for r, params in ((grouped, param_counts(arch)), (split, param_counts(arch, 0))):
         kinds = r["peak_tensor_bytes_by_kind"]
         assert kinds["parameters"] == 4 * sum(params.values())
         assert kinds["optimizer state"] >= kinds["parameters"]
@@ -299,31 +300,31 @@ def test_rounds_give_intervals_verdicts_comparisons_and_a_per_layer_table(tmp_pa
 def test_paired_rounds_decide_what_drift_would_hide():
     """Rounds drift by a factor of 3; inside each, B is 10 % faster than A. Resampling the same
     rounds for both finds the 10 %; the rounds' spread alone would straddle 1."""
-    from alexnet_mp import benchstats
+    from alexnet_mp.bench import stats
 
     drift = [1.0, 3.0, 1.5, 2.5, 2.0]
     a = [[d * (1 + 0.01 * k) for k in range(4)] for d in drift]
     b = [[1.1 * v for v in r] for r in a]
-    value, low, high = benchstats.ratio_interval(b, a)
+    value, low, high = stats.ratio_interval(b, a)
     assert low > 1.05 and high < 1.15 and abs(value - 1.1) < 1e-9
     pooled_b = sorted(v for r in b for v in r)
     pooled_a = sorted(v for r in a for v in r)
     assert pooled_b[0] / pooled_a[-1] < 1 < pooled_b[-1] / pooled_a[0]
-    assert benchstats.verdict(low, high, 1.0, at_least=True) == "met"
-    assert benchstats.verdict(0.9, 1.2, 1.0, at_least=True) == "undecided"
-    assert benchstats.verdict(0.7, 0.9, 1.0, at_least=True) == "missed"
-    assert benchstats.verdict(0.02, 0.04, 0.05, at_least=False) == "met"
-    assert benchstats.verdict(0.06, 0.08, 0.05, at_least=False) == "missed"
-    assert benchstats.flop_target(227, 128).threshold == 0.60
-    assert benchstats.flop_target(96, 64).threshold == 0.45
+    assert stats.verdict(low, high, 1.0, at_least=True) == "met"
+    assert stats.verdict(0.9, 1.2, 1.0, at_least=True) == "undecided"
+    assert stats.verdict(0.7, 0.9, 1.0, at_least=True) == "missed"
+    assert stats.verdict(0.02, 0.04, 0.05, at_least=False) == "met"
+    assert stats.verdict(0.06, 0.08, 0.05, at_least=False) == "missed"
+    assert stats.flop_target(227, 128).threshold == 0.60
+    assert stats.flop_target(96, 64).threshold == 0.45
 
 
 def test_waiting_for_a_peer_is_told_from_the_exchanges_own_cost():
-    from alexnet_mp.bench import _waits
+    from alexnet_mp.bench.merge import exchange_waits
 
     # One step, two exchanges: rank 0 arrived 4 s early at the first, rank 1 3 s at the second.
     calls = [[[("forward", 5.0), ("backward", 1.0)]], [[("forward", 1.0), ("backward", 4.0)]]]
-    waits = _waits(calls, [[0, 1]])
+    waits = exchange_waits(calls, [[0, 1]])
     assert waits[0][0] == {"forward": 4.0, "backward": 0.0}
     assert waits[1][0] == {"forward": 0.0, "backward": 3.0}
 
@@ -334,8 +335,8 @@ def test_every_millisecond_of_a_profiled_step_is_attributed():
     from torch.profiler import ProfilerActivity, profile
     from torch.utils.flop_counter import FlopCounterMode
 
-    from alexnet_mp import attribution
-    from alexnet_mp.bench import grouped_conv_backward_flop
+    from alexnet_mp.bench import attribution
+    from alexnet_mp.bench.counts import grouped_conv_backward_flop
     from alexnet_mp.models.columns import Arch, ColumnAlexNet, canonical_init
 
     arch = Arch(num_classes=10, in_channels=1, image_size=67, width=0.125)
@@ -363,7 +364,7 @@ def test_every_millisecond_of_a_profiled_step_is_attributed():
 
 
 def test_time_to_first_step_reads_the_step_records_as_they_appear(tmp_path):
-    from alexnet_mp.microbench import time_to_first_step
+    from alexnet_mp.bench.micro import time_to_first_step
 
     metrics = tmp_path / "metrics.jsonl"
     script = ("import json, sys, time\n"
@@ -377,7 +378,8 @@ def test_time_to_first_step_reads_the_step_records_as_they_appear(tmp_path):
 
 
 def test_variants_are_checked_and_named():
-    from alexnet_mp.bench import Variant, rank_cores
+    from alexnet_mp.bench.placement import rank_cores
+    from alexnet_mp.bench.work import Variant
     from alexnet_mp.errors import UserError
 
     assert Variant.parse("base").name == "base"

@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from alexnet_mp import benchstats
-from alexnet_mp.bench import _arch, _model, _sgd
+from alexnet_mp.bench import stats
+from alexnet_mp.bench.work import arch_for, make_model, make_sgd
 from alexnet_mp.config import Config
 from alexnet_mp.data import BatchTransform, build_data, make_loader
 from alexnet_mp.errors import UserError
@@ -98,9 +98,9 @@ def startup_parts(cfg: Config) -> dict[str, float]:
         fetch.append(t1 - t0)
         resize.append(time.perf_counter() - t1)
     t = time.perf_counter()
-    model = _model(cfg, Layout(device=device), "alexnet_grouped")
+    model = make_model(cfg, Layout(device=device), "alexnet_grouped")
     lap("model (grouped form, canonical init)")
-    optimizer = _sgd(model, cfg)
+    optimizer = make_sgd(model, cfg)
     lap("optimizer")
     F.cross_entropy(model(x), y).backward()
     optimizer.step()
@@ -115,7 +115,7 @@ def lrn_bench(cfg: Config, rounds: int, reps: int = 5) -> list[dict]:
     shapes the config gives it after conv1 and conv2 (both columns, the global batch), with
     this process's threads. Variants and shapes interleave within each round, so the ratio
     reference / fused comes with a paired interval like every other comparison here."""
-    c1, c2 = _arch(cfg).per_column[:2]
+    c1, c2 = arch_for(cfg).per_column[:2]
     s1, s2 = sides(cfg.data.image_size)[:2]
     n = cfg.train.batch_size
     shapes = {"after conv1": (n, COLUMNS * c1, s1, s1), "after conv2": (n, COLUMNS * c2, s2, s2)}
@@ -137,7 +137,7 @@ def lrn_bench(cfg: Config, rounds: int, reps: int = 5) -> list[dict]:
     rows = []
     for key, shape in shapes.items():
         fused, ref = samples[(key, "fused")][1:], samples[(key, "reference")][1:]
-        ratio, low, high = benchstats.ratio_interval(ref, fused)
+        ratio, low, high = stats.ratio_interval(ref, fused)
         rows.append({"where": key, "shape": list(shape), "threads": torch.get_num_threads(),
                      "fused_ms": 1e3 * statistics.median(t for r in fused for t in r),
                      "reference_ms": 1e3 * statistics.median(t for r in ref for t in r),

@@ -1,0 +1,208 @@
+"""One layout's work on one rank, as the timing loop sees it: the model from the training path's
+own builder, its loss, optimizer and step; the variant it runs as; the meter that tells the
+exchanges' traffic from the all-reduce's; and the batches it takes."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from alexnet_mp.bench.layouts import ONE_DEVICE
+from alexnet_mp.config import Config
+from alexnet_mp.data import BatchTransform, build_data, make_loader, set_epoch
+from alexnet_mp.errors import UserError
+from alexnet_mp.guard import StepGuard
+from alexnet_mp.models import arch_of
+from alexnet_mp.models.columns import Arch, ColumnLRN
+from alexnet_mp.parallel.build import build_model
+from alexnet_mp.parallel.exchange import Meter
+from alexnet_mp.parallel.layout import Layout
+
+
+class TrafficMeter(Meter):
+    """The exchange meter, telling the two kinds of traffic apart, and keeping every exchange's
+    duration in order (with the phase it ran in), from which
+    :func:`~alexnet_mp.bench.merge.exchange_waits` tells a rank's waiting for its peer from the
+    exchange's own cost.
+
+    Every exchange reports through :meth:`stop`; the gradient all-reduce hooks (replicas,
+    hybrid trunk) add to ``bytes`` directly, so what ``stop`` did not see is all-reduce traffic.
+    """
+
+    def __init__(self, device: torch.device | None = None) -> None:
+        super().__init__(device)
+        self.exchange_bytes = 0
+        # (phase, seconds, collective, elements put in) per exchange, in order
+        self.calls: list[tuple[str, float, str, int]] = []
+
+    def stop(self, started: float, received: int = 0, call: tuple[str, int] | None = None) -> None:
+        seconds = self.seconds
+        super().stop(started, received, call)
+        kind, numel = call or ("", 0)
+        # Only the gathers' backward reduce-scatters, which autograd runs, are backward
+        # exchanges; so the phase holds in the training loop too, which does not tell the meter.
+        phase = "backward" if kind == "reduce_scatter" else "forward"
+        self.calls.append((phase, self.seconds - seconds, kind, numel))
+        self.exchange_bytes += received
+
+    @property
+    def allreduce_bytes(self) -> int:
+        return self.bytes - self.exchange_bytes
+
+    def reset(self) -> None:
+        self.seconds, self.bytes, self.exchange_bytes = 0.0, 0, 0
+        self.calls = []
+
+
+VARIANT_FLAGS = ("lrn_ref", "channels_last", "compile", "pinned")
+VARIANT_HELP = {
+    "lrn_ref": "the LRN as it was before (autograd through a fractional power), for before/after",
+    "channels_last": "model and input in channels_last memory format",
+    "compile": "torch.compile on the model (the warm-up steps absorb the compilation)",
+    "pinned": "each local rank's threads pinned to its own share of the cores",
+}
+
+
+@dataclass(frozen=True)
+class Variant:
+    """What an arm changes against the run's configuration ("base": nothing)."""
+
+    flags: frozenset[str] = frozenset()
+
+    @classmethod
+    def parse(cls, text: str) -> Variant:
+        flags = frozenset(f for f in text.split("+") if f and f != "base")
+        unknown = sorted(flags - set(VARIANT_FLAGS))
+        if unknown:
+            raise UserError(f"unknown bench variant flag(s) {', '.join(unknown)}; join flags from "
+                            f"{', '.join(VARIANT_FLAGS)} with '+', or say base")
+        return cls(flags)
+
+    @property
+    def name(self) -> str:
+        return "+".join(f for f in VARIANT_FLAGS if f in self.flags) or "base"
+
+    def memory_format(self, cfg: Config) -> torch.memory_format:
+        cl = cfg.train.channels_last or "channels_last" in self.flags
+        return torch.channels_last if cl else torch.contiguous_format
+
+    def prepare(self, model: nn.Module, cfg: Config) -> nn.Module:
+        """The model as this variant runs it (the same object, changed in place)."""
+        if "lrn_ref" in self.flags:
+            for m in model.modules():
+                if isinstance(m, ColumnLRN):
+                    m.variant = "reference"
+        if self.memory_format(cfg) is torch.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        return model
+
+
+@dataclass
+class Work:
+    """One layout's model and step on this rank, as the timing loop sees it."""
+
+    module: nn.Module  # the model: its parameters, its exchange
+    runner: nn.Module  # what the step calls: the model, or its compiled form
+    forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # the loss
+    optimizer: torch.optim.Optimizer | None
+    meter: TrafficMeter
+    local_batch: int
+    active: bool  # False on the ranks that wait during one-device layouts
+    layout: Layout  # where the model runs (one device: a layout of its own)
+    guard: StepGuard | None = None
+    data_shards: int = 1  # into how many shares the global batch is cut
+    data_shard: int = 0  # which one this rank takes
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Forward and backward, as the training loop runs them."""
+        loss = self.forward(x, y)
+        loss.backward()
+        return loss
+
+
+def make_sgd(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
+    t = cfg.train
+    return torch.optim.SGD(model.parameters(), lr=t.lr, momentum=t.momentum,
+                           weight_decay=t.weight_decay)
+
+
+def arch_for(cfg: Config) -> Arch:
+    return arch_of(cfg.model, cfg.data.image_size)
+
+
+def make_model(cfg: Config, layout: Layout, name: str, meter: Meter | None = None,
+               overlap: bool = False) -> nn.Module:
+    """The training path's own builder: the exchange and gradient sync ``layout`` calls for."""
+    model_cfg = dataclasses.replace(cfg.model, name=name, overlap=overlap)
+    return build_model(model_cfg, cfg.data.image_size, layout, cfg.train.seed, meter)
+
+
+def build_work(name: str, cfg: Config, layout: Layout, variant: Variant = Variant()) -> Work:
+    """Layout ``name`` on this rank; ``layout`` is its mesh from
+    :func:`~alexnet_mp.bench.layouts.bench_dims`."""
+    meter = TrafficMeter(layout.device)
+    batch = cfg.train.batch_size
+    if name in ONE_DEVICE:
+        if layout.rank != 0:
+            idle = nn.Identity()
+            return Work(idle, idle, lambda x, y: x, None, meter, batch, False, layout)
+        on = Layout(device=layout.device)
+        model = make_model(cfg, on, "alexnet_d2l" if name == "d2l" else "alexnet_grouped")
+    else:
+        on = layout
+        model_name = "alexnet_grouped" if name == "ddp" else "alexnet_columns"
+        model = make_model(cfg, layout, model_name, meter, overlap=name == "split_overlap")
+    model = variant.prepare(model, cfg)
+    runner = torch.compile(model) if "compile" in variant.flags else model
+
+    def forward(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        # The hybrid layout returns the whole batch's logits: loss_targets gathers the labels.
+        return F.cross_entropy(runner(x), on.loss_targets(y))
+
+    guard = StepGuard(on.distributed, on.step_group, on.device)
+    return Work(model, runner, forward, make_sgd(model, cfg), meter, on.local_batch(batch), True,
+                on, guard, on.data_shards, on.data_shard)
+
+
+class Batches:
+    """Synthetic tensors already on the device, or the real loader and on-device transform;
+    ``shard`` of ``shards`` picks this rank's share of each global batch."""
+
+    def __init__(self, mode: str, cfg: Config, device: torch.device, local_batch: int,
+                 shards: int, shard: int,
+                 memory_format: torch.memory_format = torch.contiguous_format) -> None:
+        self.mode, self.device = mode, device
+        size, c = cfg.data.image_size, cfg.model.in_channels
+        g = torch.Generator().manual_seed(cfg.train.seed + shard)
+        if mode == "synthetic":
+            x = torch.randn(local_batch, c, size, size, generator=g)
+            self.x = x.to(device).contiguous(memory_format=memory_format)
+            self.y = torch.randint(0, cfg.model.num_classes, (local_batch,), generator=g).to(
+                device)
+            return
+        data = build_data(cfg.data, num_classes=cfg.model.num_classes, in_channels=c,
+                          seed=cfg.train.seed)
+        self.loader = make_loader(data.train, batch_size=local_batch, shuffle=True,
+                                  seed=cfg.train.seed, num_workers=cfg.data.num_workers,
+                                  pin_memory=device.type == "cuda", replicas=shards,
+                                  replica=shard, bad_images=cfg.data.bad_images)
+        self.transform = BatchTransform(size, data.mean, data.std,
+                                        memory_format is torch.channels_last).to(device)
+        self.epoch, self.it = 0, iter(())
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.mode == "synthetic":
+            return self.x, self.y
+        batch = next(self.it, None)
+        while batch is None or batch[0].shape[0] != self.loader.batch_size:
+            set_epoch(self.loader, self.epoch)
+            self.epoch += 1
+            self.it = iter(self.loader)
+            batch = next(self.it, None)
+        x, y = batch
+        return self.transform(x.to(self.device, non_blocking=True)), y.to(self.device)
