@@ -38,6 +38,7 @@ from alexnet_mp.errors import UserError
 from alexnet_mp.models import model_family
 from alexnet_mp.parallel.build import build_model
 from alexnet_mp.parallel.layout import Layout
+from alexnet_mp.parallel.shards import agreed
 
 FAMILIES = tuple(sorted({model_family(name) for name in MODELS}))
 # Stored keys that describe the training machine or training-only transforms: evaluation starts
@@ -233,11 +234,12 @@ def evaluate_checkpoint(loaded: Loaded, *, ten_crop: bool = False,
                         "trained for (--data-root, --data)")
     if ten_crop:
         whole_scaled_images(data.test, size)
-    loader = make_loader(data.test, batch_size=layout.local_batch(batch), shuffle=False,
-                         seed=cfg.train.seed, num_workers=cfg.data.num_workers,
-                         pin_memory=layout.device.type == "cuda", replicas=layout.data_shards,
-                         replica=layout.data_shard, bad_images=cfg.data.bad_images,
-                         mark_padding=True)
+    loader = agreed(make_loader(data.test, batch_size=layout.local_batch(batch), shuffle=False,
+                                seed=cfg.train.seed, num_workers=cfg.data.num_workers,
+                                pin_memory=layout.device.type == "cuda",
+                                replicas=layout.data_shards, replica=layout.data_shard,
+                                bad_images=cfg.data.bad_images, mark_padding=True),
+                    layout, pad=True)
     # The checkpoint's normalisation: the model learnt with it, whatever set it is shown now.
     transform = BatchTransform(scaled_size(size) if ten_crop else size, info.mean, info.std,
                                cfg.train.channels_last).to(layout.device)

@@ -30,6 +30,7 @@ from alexnet_mp.models import dropout_seed, model_family
 from alexnet_mp.optim import build_optimizer, set_hyperparameters
 from alexnet_mp.parallel.build import build_model, compile_model
 from alexnet_mp.parallel.layout import Layout
+from alexnet_mp.parallel.shards import agreed
 
 Plateau = torch.optim.lr_scheduler.ReduceLROnPlateau
 
@@ -109,8 +110,10 @@ class Trainer:
                       num_workers=cfg.data.num_workers, pin_memory=pin,
                       replicas=layout.data_shards, replica=layout.data_shard,
                       bad_images=cfg.data.bad_images)
-        self.train_loader = make_loader(data.train, shuffle=True, **common)
-        self.test_loader = make_loader(data.test, shuffle=False, mark_padding=True, **common)
+        self.train_loader = agreed(make_loader(data.train, shuffle=True, **common), layout,
+                                   pad=False)
+        self.test_loader = agreed(make_loader(data.test, shuffle=False, mark_padding=True,
+                                              **common), layout, pad=True)
         self.transform = BatchTransform(cfg.data.image_size, data.mean, data.std,
                                         cfg.train.channels_last).to(layout.device)
         self.test_transform = self.transform

@@ -3,6 +3,7 @@ loader workers that outlive a stop signal sent to the whole process group."""
 
 from __future__ import annotations
 
+import json
 import os
 import select
 import shutil
@@ -279,3 +280,62 @@ def test_hflip_decides_whether_augmentation_mirrors(hflip):
         train_tf, _ = _transforms(DataConfig(name=name, augment=True, hflip=hflip))
         flips = [t for t in train_tf.transforms if isinstance(t, v2.RandomHorizontalFlip)]
         assert bool(flips) == hflip, name
+
+
+def _sharded_run(folder: Path, run: Path, *extra: str) -> subprocess.CompletedProcess:
+    """Two ranks that read different shares of each batch (``extra`` picks the layout)."""
+    from conftest import run_cli
+
+    return run_cli([f"data.root={folder}", "data.name=imagefolder", "data.image_size=67",
+                    "data.num_workers=0", "model.num_classes=3", "model.in_channels=3",
+                    "model.width=0.125", "model.init=xavier", "train.batch_size=4",
+                    "train.epochs=1", f"run.dir={run}", "run.progress=false", "run.threads=1",
+                    "run.timeout_s=60", *extra], torchrun=2)
+
+
+def _first_file_of(folder: Path, replica: int, split: str = "train") -> Path:
+    """The first file replica ``replica`` of 2 reads in epoch 0 of a run's loader (in a batch
+    of two)."""
+    from alexnet_mp.config import load_config
+
+    data = data_of(folder)
+    dataset = data.train if split == "train" else data.test
+    loader = make_loader(dataset, batch_size=2, shuffle=split == "train",
+                         seed=load_config(None, []).train.seed, num_workers=0,
+                         pin_memory=False, replicas=2, replica=replica)
+    set_epoch(loader, 0)
+    samples = dataset.base.samples if split == "train" else dataset.samples  # val: no augment
+    return Path(samples[next(iter(loader.sampler))][0])
+
+
+def test_a_bad_image_on_one_replica_stops_every_replica_with_its_name(folder, tmp_path):
+    """Replicas read different shares: rank 1 meets the file, rank 0 never reads it, yet rank 0
+    names it, and neither waits in the step's collectives for the other (that ended in a lost
+    peer, exit 3, after the timeout)."""
+    bad = _first_file_of(folder, replica=1)
+    corrupt(bad)
+    proc = _sharded_run(folder, tmp_path / "r", "model.name=alexnet_grouped")
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and str(bad) in errors[0], proc.stderr[-3000:]
+    assert "data.bad_images=skip" in errors[0]
+    assert "exitcode  : 2" in proc.stderr and "lost" not in proc.stderr
+
+
+def test_skip_on_the_hybrid_layout_trains_and_counts_every_readable_image(folder, tmp_path):
+    """Hybrid ranks gather each other's trunk features, so every share must have the same rows:
+    training trims the others to the short share, evaluation pads the short share (unscored),
+    and rank 0's log names the files every rank left out."""
+    bad_train = _first_file_of(folder, replica=1)
+    bad_val = _first_file_of(folder, replica=1, split="val")
+    corrupt(bad_train)
+    corrupt(bad_val)
+    run = tmp_path / "r"
+    proc = _sharded_run(folder, run, "model.name=alexnet_columns", "parallel.layout=hybrid",
+                        "data.bad_images=skip")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    epoch = [r for r in records if r["kind"] == "epoch"][-1]
+    assert epoch["test_images"] == 2 * len(CLASSES) - 1
+    named = {f for r in records if r["kind"] == "bad_images" for f in r["files"]}
+    assert named == {str(bad_train), str(bad_val)}  # both read by rank 1 only
