@@ -8,12 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
 from alexnet_mp.errors import UserError
-
-matplotlib.use("Agg")  # files only: no display on training machines
-import matplotlib.pyplot as plt  # noqa: E402
 
 
 class MetricsLog:
@@ -184,6 +179,13 @@ def plot_curves(log_path: Path, png_path: Path) -> None:
     for r in read_log(log_path):
         if r.get("kind") == "epoch":
             epochs[r["epoch"]] = r  # a resumed epoch's later record wins
+    # Imported here, not with the module: half a second of every rank's start-up, for a figure
+    # only rank 0 draws, once an epoch.
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display on training machines
+    import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=(5, 3.5))
     xs = sorted(epochs)
     for key, label, style in (("train_loss", "train loss", "-"), ("train_acc", "train acc", "--"),
