@@ -61,7 +61,7 @@ class DataConfig:
     # metrics.jsonl and named on the console once per epoch).
     bad_images: str = "stop"
     # JSON of the training set's own RGB principal components for PCA lighting (written by
-    # launch/pca_lighting.py); null: the published ImageNet figures (data.EIGVAL, data.EIGVEC).
+    # launch/pca_lighting.py); null: the published ImageNet figures (lighting.EIGVAL, EIGVEC).
     lighting_file: str | None = None
 
 

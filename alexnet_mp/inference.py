@@ -32,9 +32,10 @@ from torchvision.transforms import v2
 
 from alexnet_mp import checkpoint as ckpt
 from alexnet_mp.config import MODELS, Config, load_config
-from alexnet_mp.data import STATS, BatchTransform, build_data, make_loader
+from alexnet_mp.data import STATS, BatchTransform, build_data
 from alexnet_mp.engine import Precision, evaluate, ten_crop_log_probs
 from alexnet_mp.errors import UserError
+from alexnet_mp.loader import make_loader
 from alexnet_mp.models import model_family
 from alexnet_mp.parallel.build import build_model
 from alexnet_mp.parallel.layout import Layout

@@ -20,11 +20,12 @@ import torch.distributed as dist
 from alexnet_mp import checkpoint as ckpt
 from alexnet_mp import runfolder
 from alexnet_mp.config import Config, dump_config, resume_changes, run_dir
-from alexnet_mp.data import BatchTransform, build_data, make_loader, set_epoch
+from alexnet_mp.data import BatchTransform, build_data
 from alexnet_mp.engine import NonFiniteError, Precision, TrainState, evaluate, train_one_epoch
 from alexnet_mp.errors import PeerLostError, UserError, peer_errors
 from alexnet_mp.guard import StepGuard
 from alexnet_mp.inference import scaled_size, whole_scaled_images
+from alexnet_mp.loader import make_loader, set_epoch
 from alexnet_mp.metrics import MetricsLog, append_json, plot_curves
 from alexnet_mp.models import dropout_seed, model_family
 from alexnet_mp.optim import build_optimizer, set_hyperparameters

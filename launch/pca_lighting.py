@@ -36,7 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
 
     def body(cfg, _open_layout) -> int:
-        from alexnet_mp.data import rgb_pca, write_lighting
+        from alexnet_mp.lighting import write_lighting
+        from alexnet_mp.pca import rgb_pca
 
         out = Path(args.out or cfg.data.lighting_file or Path(cfg.data.root) / "rgb_pca.json")
         pca = rgb_pca(cfg.data, in_channels=cfg.model.in_channels, images=args.images,

@@ -7,8 +7,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from alexnet_mp.config import DataConfig
-from alexnet_mp.data import BatchTransform, build_data, make_loader, mnist_sample, set_epoch
+from alexnet_mp.data import BatchTransform, build_data, mnist_sample
 from alexnet_mp.errors import UserError
+from alexnet_mp.loader import make_loader, set_epoch
 
 
 def test_torchvision_mnist_reads_the_fixture(idx_root):

@@ -15,11 +15,13 @@ from conftest import ROOT, small_overrides
 from PIL import Image
 
 from alexnet_mp.config import load_config
-from alexnet_mp.data import Lighting, _transforms, read_lighting, rgb_pca
+from alexnet_mp.data import _transforms
 from alexnet_mp.errors import UserError
+from alexnet_mp.lighting import Lighting, read_lighting
 from alexnet_mp.metrics import read_log
 from alexnet_mp.parallel import build
 from alexnet_mp.parallel.layout import setup_layout
+from alexnet_mp.pca import rgb_pca
 from alexnet_mp.run import Trainer
 
 # Pixels c + t d + noise: covariance S^2 d d^T + N^2 I, so the components are d (variance

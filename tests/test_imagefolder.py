@@ -20,8 +20,9 @@ from torch.utils.data import TensorDataset
 
 from alexnet_mp import checkpoint as ckpt
 from alexnet_mp.config import DataConfig
-from alexnet_mp.data import build_data, make_loader, set_epoch
+from alexnet_mp.data import build_data
 from alexnet_mp.errors import UserError
+from alexnet_mp.loader import make_loader, set_epoch
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ("ant", "bee", "cat")
@@ -211,7 +212,7 @@ GROUP_SCRIPT = textwrap.dedent("""
     import signal, sys
     import torch
     from torch.utils.data import TensorDataset
-    from alexnet_mp.data import make_loader
+    from alexnet_mp.loader import make_loader
 
     got = []
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):

@@ -17,8 +17,9 @@ import torch.nn.functional as F
 from alexnet_mp.bench import stats
 from alexnet_mp.bench.work import arch_for, make_model, make_sgd
 from alexnet_mp.config import Config
-from alexnet_mp.data import BatchTransform, build_data, make_loader
+from alexnet_mp.data import BatchTransform, build_data
 from alexnet_mp.errors import UserError
+from alexnet_mp.loader import make_loader
 from alexnet_mp.models.columns import COLUMNS, ColumnLRN, sides
 from alexnet_mp.parallel.layout import Layout
 

@@ -26,10 +26,11 @@ from alexnet_mp.bench.placement import node_threads, pinned
 from alexnet_mp.bench.report import bar_chart, report_markdown
 from alexnet_mp.bench.work import Batches, Variant, Work, build_work
 from alexnet_mp.config import Config
-from alexnet_mp.data import BatchTransform, build_data, make_loader, set_epoch
+from alexnet_mp.data import BatchTransform, build_data
 from alexnet_mp.engine import Precision, TrainState, train_one_epoch
 from alexnet_mp.engine import sync_device as _sync
 from alexnet_mp.errors import UserError
+from alexnet_mp.loader import make_loader, set_epoch
 from alexnet_mp.parallel.exchange import ColumnExchange
 from alexnet_mp.parallel.layout import Layout, mesh_layout
 

@@ -14,9 +14,10 @@ from torch import nn
 
 from alexnet_mp.bench.layouts import ONE_DEVICE
 from alexnet_mp.config import Config
-from alexnet_mp.data import BatchTransform, build_data, make_loader, set_epoch
+from alexnet_mp.data import BatchTransform, build_data
 from alexnet_mp.errors import UserError
 from alexnet_mp.guard import StepGuard
+from alexnet_mp.loader import make_loader, set_epoch
 from alexnet_mp.models import arch_of
 from alexnet_mp.models.columns import Arch, ColumnLRN
 from alexnet_mp.parallel.build import build_model
