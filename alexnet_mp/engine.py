@@ -225,7 +225,8 @@ def evaluate(model: nn.Module, loader: DataLoader, transform: nn.Module,
              show_bar: bool = False) -> dict | None:
     """Top-1, top-5 and loss over every test example (each rank runs every batch in lockstep).
 
-    Samples labelled -1 are a sampler's padding (replicas must run as many batches) and are left
+    Samples labelled -1 are padding (a sampler's, so that replicas run as many batches, or
+    :mod:`alexnet_mp.parallel.shards`', so that their shares have as many rows) and are left
     out; ``reduce`` sums the figures over replicas, so each example counts exactly once.
 
     With a ``guard``, a stop request (SIGTERM, Ctrl-C) abandons the evaluation after the batch in

@@ -21,7 +21,8 @@ from alexnet_mp.errors import UserError
 
 
 class UnreadableImage:
-    """Stands in for a sample whose file could not be decoded (see :func:`loader.collate`)."""
+    """Stands in for a sample whose file could not be decoded (see
+    :func:`alexnet_mp.loader.collate`)."""
 
     __slots__ = ("path", "reason")
 

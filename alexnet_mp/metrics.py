@@ -180,11 +180,17 @@ def plot_curves(log_path: Path, png_path: Path) -> None:
         if r.get("kind") == "epoch":
             epochs[r["epoch"]] = r  # a resumed epoch's later record wins
     # Imported here, not with the module: half a second of every rank's start-up, for a figure
-    # only rank 0 draws, once an epoch.
-    import matplotlib
+    # only rank 0 draws, once an epoch. So a broken matplotlib shows up here, mid-run and on
+    # rank 0 alone, where it must not end the run any more than a full disk does.
+    try:
+        import matplotlib
 
-    matplotlib.use("Agg")  # files only: no display on training machines
-    import matplotlib.pyplot as plt
+        matplotlib.use("Agg")  # files only: no display on training machines
+        import matplotlib.pyplot as plt
+    except Exception as exc:  # noqa: BLE001 - any import failure: the figure is optional
+        _warn_once(f"could not draw '{png_path}': matplotlib does not import "
+                   f"({type(exc).__name__}: {exc})")
+        return
 
     fig, ax = plt.subplots(figsize=(5, 3.5))
     xs = sorted(epochs)

@@ -118,3 +118,16 @@ def test_eval_only_reproduces_the_last_epochs_test_accuracy(idx_root, tmp_path):
     assert result["test_acc"] == last_epoch["test_acc"]
     assert result["test_loss"] == pytest.approx(last_epoch["test_loss"], rel=1e-6)
     assert trained.state.global_step == 12
+
+
+def test_a_matplotlib_that_does_not_import_costs_the_figure_not_the_run(
+        idx_root, tmp_path, monkeypatch, capsys):
+    """matplotlib is imported when rank 0 first draws, mid-run: failing there ends nothing."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` now raises
+    run = tmp_path / "run"
+    train(idx_root, run)
+    assert ckpt.load(run / "checkpoints" / "last.pt")["train"]["epoch"] == 1
+    assert not (run / "curves.png").exists()
+    assert "matplotlib does not import" in capsys.readouterr().err

@@ -3,9 +3,11 @@
 Inside a step an exchange's time is its own cost, plus waiting for a slower peer, plus whatever
 the step's computation on the same cores takes from the communication library's threads. This
 replays the collectives one timed step made, in its order, with the same sizes, through the same
-functions, back to back and with no computation between them. No layout of the computation
-can bring the exchanges below that figure on the same machine and library: where it alone
-exceeds the target share, the target is out of reach there, and the measurement says so.
+functions, back to back and with no computation between them: what the exchanges cost with no
+waiting and no competition for the cores. Where that alone takes most of a target share, the
+target is out of the layout's reach on that machine and library (short of hiding the
+collectives behind computation, which the overlap path does where the library has a stream of
+its own).
 """
 
 from __future__ import annotations
@@ -41,7 +43,9 @@ def replay(calls: Sequence[Sequence], group: dist.ProcessGroup | None, device: t
            repeats: int) -> list[float]:
     """Seconds per replay of ``calls`` (one step's, as the bench's meter records them:
     phase, seconds, collective, elements), ``repeats`` times; every rank of ``group`` calls this
-    with the same calls."""
+    with the same calls. The buffers are float32, the dtype of the bench's steps (they run
+    without autocast); a step that exchanged half-precision tensors would need the dtype
+    recorded too."""
     ops = [op for c in calls if (op := _op(c[2], c[3], group, device)) is not None]
     for op in ops:  # once untimed: first calls set up the library's buffers
         op()

@@ -6,8 +6,10 @@ communication library's buffers and whatever the C heap kept from earlier work, 
 less than a layout allocates when the heap reuses memory another layout freed. torch's
 ``MemTracker`` follows every tensor storage an operator creates, until it is freed, and sorts it
 into parameters, gradients, optimizer state, activations (saved for backward) and temporaries:
-the same figure on every device, exact and repeatable, so that the memory target can be judged
-without noise. It is a private torch tool; without it the figure is simply absent.
+exact and repeatable for the tensors it follows, so that the memory target can be judged without
+noise (on CUDA it rounds each storage up to the allocator's 512-byte blocks and does not see
+cuDNN's or cuBLAS's workspaces or NCCL's buffers). It is a private torch tool; without it the
+figure is simply absent.
 
 The process's own peak is measured beside it (:class:`PeakRSS`, resident memory sampled in a
 thread), with the previous layout's freed heap handed back to the OS first
@@ -51,7 +53,9 @@ def tensor_peak(step: Callable[[], Any], device: torch.device, model: nn.Module,
     tracker.track_external(model, optimizer, *tensors)
     with tracker:
         step()
-    snapshot = tracker.get_tracker_snapshot("peak").get(device, {})
+    if device.type == "cuda" and device.index is None:  # the tracker keys devices by index
+        device = torch.device("cuda", torch.cuda.current_device())
+    snapshot = tracker.get_tracker_snapshot("peak")[device]
     kinds = {KINDS.get(getattr(k, "value", str(k)), str(k)): int(v)
              for k, v in snapshot.items() if k != "Total"}
     return {"peak_tensor_bytes": int(snapshot.get("Total", 0)),

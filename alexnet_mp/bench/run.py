@@ -33,6 +33,7 @@ from alexnet_mp.errors import UserError
 from alexnet_mp.loader import make_loader, set_epoch
 from alexnet_mp.parallel.exchange import ColumnExchange
 from alexnet_mp.parallel.layout import Layout, mesh_layout
+from alexnet_mp.parallel.shards import agreed
 
 MODES = ("synthetic", "loader", "train")
 
@@ -198,10 +199,12 @@ def _train_steps(work: Work, cfg: Config, steps: int, warmup: int,
     on, device = work.layout, work.layout.device
     data = build_data(cfg.data, num_classes=cfg.model.num_classes,
                       in_channels=cfg.model.in_channels, seed=cfg.train.seed)
-    loader = make_loader(data.train, batch_size=work.local_batch, shuffle=True,
-                         seed=cfg.train.seed, num_workers=cfg.data.num_workers,
-                         pin_memory=device.type == "cuda", replicas=on.data_shards,
-                         replica=on.data_shard, bad_images=cfg.data.bad_images)
+    # Wrapped as the trainer wraps it: ranks that read different shares agree on each batch.
+    loader = agreed(make_loader(data.train, batch_size=work.local_batch, shuffle=True,
+                                seed=cfg.train.seed, num_workers=cfg.data.num_workers,
+                                pin_memory=device.type == "cuda", replicas=on.data_shards,
+                                replica=on.data_shard, bad_images=cfg.data.bad_images),
+                    on, pad=False)
     transform = BatchTransform(cfg.data.image_size, data.mean, data.std,
                                variant.memory_format(cfg) is torch.channels_last).to(device)
 

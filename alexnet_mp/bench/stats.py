@@ -121,7 +121,7 @@ def flop_target(image_size: int, batch: int) -> Target:
 SPEED = Target("split_vs_grouped", "split >= 1.0x grouped images/s", 1.0, True)
 EXCHANGE = Target("exchange_fraction", "exchange <= 5 % of the split step", 0.05, False)
 # Not a target of its own: where the step's collectives alone miss 5 %, EXCHANGE cannot be met on
-# that machine and library, whatever the computation does.
+# that machine and library by any layout of the computation that does not hide them.
 FLOOR = Target("exchange_floor_fraction",
                "floor: the step's exchanges alone <= 5 % of the split step", 0.05, False)
 MEMORY = Target("memory_vs_grouped", "peak tensor memory per split rank <= 0.6x grouped", 0.6,

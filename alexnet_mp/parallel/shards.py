@@ -63,14 +63,15 @@ class AgreedShards:
                                   -float(rows)], device=self.device)
             with peer_errors("agreeing on the batch between ranks that read different shares"):
                 dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.group)
-                failed, any_dropped = flags[0].item() > 0, flags[1].item() > 0
+                failed, any_dropped, most, fewest = flags.tolist()
                 if failed:
+                    batches = iter(())  # let the loader's workers go before the error travels
                     raise UserError(next(m for m in self._gather(error and str(error)) if m))
                 if any_dropped:  # every rank learns every file left out (rank 0 reports them)
                     # The columns of one replica read the same files: each is named once.
                     bad_files[known:] = list(dict.fromkeys(
                         f for files in self._gather(bad_files[known:]) for f in files))
-            yield self._even(batch, int(flags[2]) if self.pad else -int(flags[3]))
+            yield self._even(batch, int(most) if self.pad else -int(fewest))
 
     def _gather(self, mine: Any) -> list[Any]:
         out: list[Any] = [None] * dist.get_world_size(self.group)
