@@ -107,12 +107,13 @@ def _window_sum(sq: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _inverse_power(d: torch.Tensor) -> torch.Tensor:
+def _inverse_power(d: torch.Tensor, spare: torch.Tensor | None = None) -> torch.Tensor:
     """``d ** -beta``: for the paper's 0.75 as rsqrt(d) * sqrt(rsqrt(d)), two cheap vectorised
-    roots instead of the exp-and-log of a fractional power."""
+    roots instead of the exp-and-log of a fractional power. ``spare``, a tensor of ``d``'s shape
+    and dtype whose contents are no longer needed, receives the result."""
     if LRN["beta"] != 0.75:
-        return d.pow(-LRN["beta"])
-    r = d.rsqrt()
+        return torch.pow(d, -LRN["beta"], out=spare)
+    r = torch.rsqrt(d, out=spare)
     return r.mul_(r.sqrt())
 
 
@@ -131,12 +132,17 @@ class _FusedLRN(torch.autograd.Function):
     fractional power, a division and five slices of a padded copy.
     """
 
+    # Every fresh tensor of a layer's size costs page faults on first touch (on the CPU, where
+    # large blocks come straight from the OS); a buffer whose contents are no longer needed
+    # takes the next result instead. The arithmetic, and so every bit, is as before.
+
     @staticmethod
     def forward(ctx, x: torch.Tensor, columns: int) -> torch.Tensor:
         n, c, h, w = x.shape
         g = _float(x.reshape(n, columns, c // columns, h, w))
-        d = _window_sum(g * g).mul_(LRN["alpha"] / LRN["size"]).add_(LRN["k"])
-        y = (g * _inverse_power(d)).to(x.dtype).reshape(n, c, h, w)
+        squares = g * g
+        d = _window_sum(squares).mul_(LRN["alpha"] / LRN["size"]).add_(LRN["k"])
+        y = (g * _inverse_power(d, squares)).to(x.dtype).reshape(n, c, h, w)
         ctx.save_for_backward(x, y, d)
         return y
 
@@ -146,9 +152,10 @@ class _FusedLRN(torch.autograd.Function):
         x, y, d = ctx.saved_tensors
         shape = d.shape
         g, out, grad = (_float(t.reshape(shape)) for t in (x, y, dy))
-        s = _window_sum(grad * out / d)
+        ratio = (grad * out).div_(d)
+        s = _window_sum(ratio)
         s.mul_(g).mul_(-2 * LRN["alpha"] * LRN["beta"] / LRN["size"])
-        dx = s.addcmul_(grad, _inverse_power(d))
+        dx = s.addcmul_(grad, _inverse_power(d, ratio))
         return dx.to(x.dtype).reshape(x.shape), None
 
 
