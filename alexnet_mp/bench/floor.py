@@ -20,12 +20,12 @@ import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 
 from alexnet_mp.engine import sync_device
-from alexnet_mp.parallel.exchange import gather_batch, gather_rows
+from alexnet_mp.parallel.exchange import gather_batch, gather_rows, process_group
 
 
 def _op(kind: str, numel: int, group: dist.ProcessGroup | None,
         device: torch.device) -> Callable[[], object] | None:
-    size = (group or dist.group.WORLD).size()
+    size = process_group(group).size()
     if kind == "all_gather":  # X1-X4 forward: started, then waited for (the "wait" record)
         x = torch.zeros(numel, device=device)
         return lambda: gather_batch(x, group)
@@ -35,7 +35,7 @@ def _op(kind: str, numel: int, group: dist.ProcessGroup | None,
     if kind == "reduce_scatter":  # X1-X4 backward, as torch's gather backward runs it
         g = torch.zeros(size * numel, device=device)
         return lambda: funcol.wait_tensor(funcol.reduce_scatter_tensor(
-            g, "sum", 0, group if group is not None else dist.group.WORLD))
+            g, "sum", 0, process_group(group)))
     return None  # "wait": part of its all_gather above
 
 

@@ -83,7 +83,7 @@ def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-def _group(group: dist.ProcessGroup | None) -> dist.ProcessGroup:
+def process_group(group: dist.ProcessGroup | None) -> dist.ProcessGroup:
     # The functional collectives want a group object; None means the default group, as in dist.*
     return group if group is not None else dist.group.WORLD
 
@@ -114,7 +114,7 @@ def start_gather(x: torch.Tensor, group: dist.ProcessGroup | None = None,
 
     Differentiable: each rank's rows get the sum over ranks of their gradients (reduce-scatter).
     """
-    group = _group(group)
+    group = process_group(group)
     received = (group.size() - 1) * _nbytes(x)
     with peer_errors("an exchange (all-gather)"), _timed(meter, received,
                                                          ("all_gather", x.numel())):
@@ -141,7 +141,7 @@ def gather_batch(x: torch.Tensor, group: dist.ProcessGroup | None = None,
 
 def gather_labels(y: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
     """Every rank's labels, in rank order (no gradient): the targets of a gathered batch."""
-    group = _group(group)
+    group = process_group(group)
     out = y.new_empty((group.size() * y.shape[0], *y.shape[1:]))
     with peer_errors("gathering the labels"):
         _all_gather_into(out, y.contiguous(), group=group)

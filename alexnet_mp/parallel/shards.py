@@ -17,12 +17,15 @@ hit the same files and need none of this: the loader is only wrapped where the d
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 
 from alexnet_mp.errors import UserError, peer_errors
+
+if TYPE_CHECKING:
+    from alexnet_mp.parallel.layout import Layout
 
 
 class AgreedShards:
@@ -59,6 +62,8 @@ class AgreedShards:
                 batch, error = None, exc
             rows = 0 if batch is None else int(batch[1].shape[0])
             dropped = len(bad_files) - known
+            # One MAX all-reduce answers all four: the largest share, and (as minus the largest
+            # negated share) the smallest.
             flags = torch.tensor([float(error is not None), float(dropped), float(rows),
                                   -float(rows)], device=self.device)
             with peer_errors("agreeing on the batch between ranks that read different shares"):
@@ -91,7 +96,7 @@ class AgreedShards:
         return [x, y]
 
 
-def agreed(loader: Any, layout: Any, *, pad: bool) -> Any:
+def agreed(loader: Any, layout: Layout, *, pad: bool) -> Any:
     """``loader`` wrapped in :class:`AgreedShards` where ``layout``'s ranks read different
     shares (replicas, hybrid), else ``loader`` itself."""
     if not layout.distributed or layout.data_shards == 1:
