@@ -104,6 +104,9 @@ class RunConfig:
     keep_checkpoints: int = 2
     device: str = "auto"  # auto | cpu | cuda | mps
     threads: int | None = None  # CPU threads per rank; default: cores / local ranks
+    # CPU ranks keep the memory a step frees for the next step instead of handing large blocks
+    # back to the OS, whose fresh pages fault on first touch (glibc only; see host_memory.py).
+    keep_host_memory: bool = True
     # How long a rank waits for a peer inside a training or evaluation step before it reports
     # the peer lost. Waits for rank 0's checkpoint writes use save_timeout_s instead.
     timeout_s: float = 600.0

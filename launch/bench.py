@@ -37,7 +37,7 @@ undecided), e.g. at the paper's size with the old LRN beside the new one:
       --repeat 5 --steps 4 --warmup 1 --variants base,lrn_ref --profile \\
       model.num_classes=1000 model.in_channels=3 data.name=fake data.image_size=227 \\
       train.batch_size=128
-variants (join flags with +): lrn_ref, channels_last, compile, pinned.
+variants (join flags with +): lrn_ref, malloc_default, channels_last, compile, pinned.
 --data train runs the training loop itself (loader, guard, figures) for the input-path target.
 
 start-up of the main job (launch to first step), N ranks, R launches:
@@ -75,7 +75,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="interleaved rounds of every arm (intervals over rounds and steps)")
     p.add_argument("--variants", default="base",
                    help="comma-separated: base, or flags joined by + from lrn_ref, "
-                        "channels_last, compile, pinned (each runs every layout)")
+                        "malloc_default, channels_last, compile, pinned (each runs every "
+                        "layout)")
     p.add_argument("--lrn", action="store_true",
                    help="time the LRN alone, fused against the reference formulation, --repeat "
                         "rounds at the config's shapes; run nothing else (no torchrun)")

@@ -33,7 +33,8 @@ def layout_from_env(cfg: Config, model_name: str) -> Layout:
         local_world_size=int(env.get("LOCAL_WORLD_SIZE", world)), device=cfg.run.device,
         threads=cfg.run.threads, timeout_s=cfg.run.timeout_s,
         save_timeout_s=cfg.run.save_timeout_s, columns=cfg.parallel.columns,
-        layout=cfg.parallel.layout, attempt=int(env.get("TORCHELASTIC_RESTART_COUNT", 0)))
+        layout=cfg.parallel.layout, keep_host_memory=cfg.run.keep_host_memory,
+        attempt=int(env.get("TORCHELASTIC_RESTART_COUNT", 0)))
 
 
 def report(exc: UserError) -> int:

@@ -13,13 +13,11 @@ figure is simply absent.
 
 The process's own peak is measured beside it (:class:`PeakRSS`, resident memory sampled in a
 thread), with the previous layout's freed heap handed back to the OS first
-(:func:`return_freed_memory_to_the_os`).
+(:func:`alexnet_mp.host_memory.release_freed_memory`).
 """
 
 from __future__ import annotations
 
-import ctypes
-import gc
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -60,16 +58,6 @@ def tensor_peak(step: Callable[[], Any], device: torch.device, model: nn.Module,
              for k, v in snapshot.items() if k != "Total"}
     return {"peak_tensor_bytes": int(snapshot.get("Total", 0)),
             "peak_tensor_bytes_by_kind": {k: v for k, v in kinds.items() if v}}
-
-
-def return_freed_memory_to_the_os() -> None:
-    """Hand the previous layout's freed heap back to the OS, so that the next layout's RSS peak
-    is its own. (Forcing every tensor through mmap instead doubled step times in system calls.)"""
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 class PeakRSS:

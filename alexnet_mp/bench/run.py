@@ -20,7 +20,7 @@ from alexnet_mp.bench import attribution, stats
 from alexnet_mp.bench.counts import count_flops, matmul_probe
 from alexnet_mp.bench.floor import replay
 from alexnet_mp.bench.layouts import ONE_DEVICE, bench_dims, check_layouts, mesh_name
-from alexnet_mp.bench.memory import PeakRSS, return_freed_memory_to_the_os, tensor_peak
+from alexnet_mp.bench.memory import PeakRSS, tensor_peak
 from alexnet_mp.bench.merge import merge_ranks, merge_rounds
 from alexnet_mp.bench.placement import node_threads, pinned
 from alexnet_mp.bench.report import bar_chart, report_markdown
@@ -30,6 +30,7 @@ from alexnet_mp.data import BatchTransform, build_data
 from alexnet_mp.engine import Precision, TrainState, train_one_epoch
 from alexnet_mp.engine import sync_device as _sync
 from alexnet_mp.errors import UserError
+from alexnet_mp.host_memory import keep_freed_memory, release_freed_memory
 from alexnet_mp.loader import make_loader, set_epoch
 from alexnet_mp.parallel.exchange import ColumnExchange
 from alexnet_mp.parallel.layout import Layout, mesh_layout
@@ -51,12 +52,18 @@ def run_layout(name: str, mode: str, cfg: Config, layout: Layout, steps: int,
         torch.set_num_threads(node_threads(layout))  # the same cores as the ranks use
     place = pinned(layout, whole_node=one) if "pinned" in variant.flags \
         else contextlib.nullcontext()
+    # The heap's behaviour is the process's: the arm switches it, and back for the next arm.
+    default_heap = "malloc_default" in variant.flags and layout.device.type == "cpu"
+    if default_heap:
+        keep_freed_memory(False)
     try:
         with place:
             return _run_layout(name, mode, cfg, layout, steps, warmup, profile_dir, variant,
                                first, cache if cache is not None else {})
     finally:
         torch.set_num_threads(threads)
+        if default_heap and cfg.run.keep_host_memory:
+            keep_freed_memory()
         if layout.device.type == "cuda":
             torch.cuda.empty_cache()
 
@@ -66,7 +73,7 @@ def _run_layout(name: str, mode: str, cfg: Config, layout: Layout, steps: int, w
                 cache: dict) -> dict[str, Any] | None:
     device, rank = layout.device, layout.rank
     dims = bench_dims(name, layout.world_size)
-    return_freed_memory_to_the_os()
+    release_freed_memory()
     _barrier(layout)
     record: dict[str, Any] = {"layout": name, "variant": variant.name, "data": mode,
                               "mesh": mesh_name(name, dims), "columns": dims.columns,

@@ -60,9 +60,11 @@ class TrafficMeter(Meter):
         self.calls = []
 
 
-VARIANT_FLAGS = ("lrn_ref", "channels_last", "compile", "pinned")
+VARIANT_FLAGS = ("lrn_ref", "malloc_default", "channels_last", "compile", "pinned")
 VARIANT_HELP = {
     "lrn_ref": "the LRN as it was before (autograd through a fractional power), for before/after",
+    "malloc_default": "glibc's default heap, which hands large freed blocks back to the OS "
+                      "(run.keep_host_memory=false), for before/after",
     "channels_last": "model and input in channels_last memory format",
     "compile": "torch.compile on the model (the warm-up steps absorb the compilation)",
     "pinned": "each local rank's threads pinned to its own share of the cores",

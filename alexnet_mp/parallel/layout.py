@@ -24,6 +24,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.rendezvous import rendezvous
 
 from alexnet_mp.errors import UserError, peer_errors
+from alexnet_mp.host_memory import keep_freed_memory
 from alexnet_mp.parallel.exchange import gather_labels
 
 SPLITTABLE = ("alexnet_columns",)
@@ -223,12 +224,14 @@ def pick_device(preference: str, local_rank: int) -> torch.device:
 def setup_layout(model_name: str, *, rank: int = 0, world_size: int = 1, local_rank: int = 0,
                  local_world_size: int = 1, device: str = "auto", threads: int | None = None,
                  timeout_s: float = 600.0, save_timeout_s: float = 1800.0, attempt: int = 0,
-                 columns: int | None = None, layout: str = "columns") -> Layout:
+                 columns: int | None = None, layout: str = "columns",
+                 keep_host_memory: bool = True) -> Layout:
     """Check the settings against the world size, pick the device, start the process groups.
 
     ``attempt`` is torchrun's restart count: each attempt's group keys live under their own
     prefix in the rendezvous store, which outlives a restart, so that a restarted rank never
-    reads the address of the worker it replaces.
+    reads the address of the worker it replaces. ``keep_host_memory``: a CPU rank keeps the
+    memory its steps free (:func:`alexnet_mp.host_memory.keep_freed_memory`).
     """
     dev = pick_device(device, local_rank)
     dims = parallel_dims(model_name, world_size, columns=columns, layout=layout, device=dev,
@@ -238,6 +241,8 @@ def setup_layout(model_name: str, *, rank: int = 0, world_size: int = 1, local_r
     else:
         # Ranks sharing a CPU must not oversubscribe its cores, or they fight and both slow down.
         torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // local_world_size))
+        if keep_host_memory:
+            keep_freed_memory()
     if world_size == 1:
         return Layout(device=dev, layout=dims.layout)
     backend = "nccl" if dev.type == "cuda" else "gloo"
