@@ -24,6 +24,7 @@ from alexnet_mp.data import BatchTransform, build_data
 from alexnet_mp.engine import NonFiniteError, Precision, TrainState, evaluate, train_one_epoch
 from alexnet_mp.errors import PeerLostError, UserError, peer_errors
 from alexnet_mp.guard import StepGuard
+from alexnet_mp.host_memory import release_freed_memory
 from alexnet_mp.inference import scaled_size, whole_scaled_images
 from alexnet_mp.loader import make_loader, set_epoch
 from alexnet_mp.metrics import MetricsLog, append_json, plot_curves
@@ -431,6 +432,10 @@ class Trainer:
             partial = self.state.step < len_epoch
             if self.state.global_step > step_before:
                 self.save()  # before evaluating: an evaluation that fails loses no training
+            # A CPU rank's heap keeps what training steps free (run.keep_host_memory); blocks of
+            # evaluation's and checkpointing's other sizes would make it grow at every epoch's
+            # end. Freed pages go back before each phase, costing the next one a step of faults.
+            release_freed_memory()
             result = self._evaluate(guard)
             if result is None:
                 return self._stopped(guard, saved=True)
@@ -455,6 +460,7 @@ class Trainer:
                 plot_curves(self.log.path, self.out / "curves.png")
             if not partial:
                 self.save(best=best)
+            release_freed_memory()
             self.say(f"epoch {epoch}/{cfg.train.epochs}{' (stopped early)' if partial else ''}: "
                      f"train loss {result['train_loss']:.4f} acc {result['train_acc']:.4f} | "
                      f"test acc {result['test_acc']:.4f} top-5 {result['test_top5']:.4f} | "

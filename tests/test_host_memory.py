@@ -77,3 +77,25 @@ print(*counts)
     kept, default, kept_again = (int(v) for v in out.stdout.split())
     assert kept < PAGES // 10 and kept_again < PAGES // 10
     assert default > PAGES * 9 // 10
+
+
+def test_freed_memory_the_heap_kept_goes_back_on_release():
+    """What the heap keeps stays resident until release_freed_memory hands it back (between the
+    training loop's phases)."""
+    probe = """
+import torch
+from alexnet_mp.host_memory import keep_freed_memory, release_freed_memory
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+assert keep_freed_memory()
+blocks = [torch.ones(10_000_000) for _ in range(5)]  # 200 MB, then freed
+del blocks
+kept = rss()
+release_freed_memory()
+print(kept - rss())
+"""
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         timeout=300, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert int(out.stdout.split()[-1]) > 150_000_000
