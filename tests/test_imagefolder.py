@@ -309,13 +309,18 @@ def _first_file_of(folder: Path, replica: int, split: str = "train") -> Path:
     return Path(samples[next(iter(loader.sampler))][0])
 
 
-def test_a_bad_image_on_one_replica_stops_every_replica_with_its_name(folder, tmp_path):
+@pytest.mark.parametrize("layout", [
+    ("model.name=alexnet_grouped",),
+    # the hybrid trunk reads shares as replicas do; loader workers raise in another process
+    ("model.name=alexnet_columns", "parallel.layout=hybrid", "data.num_workers=2"),
+], ids=["replicas", "hybrid-with-workers"])
+def test_a_bad_image_on_one_replica_stops_every_replica_with_its_name(folder, tmp_path, layout):
     """Replicas read different shares: rank 1 meets the file, rank 0 never reads it, yet rank 0
     names it, and neither waits in the step's collectives for the other (that ended in a lost
     peer, exit 3, after the timeout)."""
     bad = _first_file_of(folder, replica=1)
     corrupt(bad)
-    proc = _sharded_run(folder, tmp_path / "r", "model.name=alexnet_grouped")
+    proc = _sharded_run(folder, tmp_path / "r", *layout)
     assert proc.returncode != 0
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and str(bad) in errors[0], proc.stderr[-3000:]
