@@ -5,15 +5,17 @@ block above its mmap threshold (at most 32 MiB) with a fresh ``mmap`` and unmaps
 and it trims the heap top back to the OS beyond a threshold. An AlexNet step allocates and frees
 its activations, their gradients and the LRN's temporaries, many of them 10-200 MB, so every
 step maps them anew and the kernel page-faults and zeroes each 4 KiB page on first touch: half a
-million faults per step at the paper's size, a quarter of the step.
+million faults per step at the paper's size, about a fifth of the step.
 
 Keeping freed memory in the heap (no mmap for large blocks, no trimming) makes the second step
 reuse the first one's pages. This is what the allocators the PyTorch CPU tuning guide recommends
 (jemalloc, tcmalloc) do; glibc does it with two ``mallopt`` calls and nothing to install. The
-price is that resident memory stays at the step's high-water mark between steps (a few per cent
-above glibc's default in the measured runs) instead of dropping after each one.
+price is that resident memory stays at the step's high-water mark between steps instead of
+dropping after each one (2 % more at the paper's size in the benchmark, 8 % for the main job,
+whose training loop hands the pages back between its phases with :func:`release_freed_memory`).
 
-Only glibc has ``mallopt``: elsewhere (macOS, musl) these functions do nothing and say so.
+Only glibc has ``mallopt``: elsewhere (macOS, musl) :func:`keep_freed_memory` returns False and
+:func:`release_freed_memory` only collects Python's garbage.
 """
 
 from __future__ import annotations
