@@ -221,8 +221,12 @@ def phase(name: str) -> Iterator[None]:
 EXPLAIN = (
     "Milliseconds per step on each rank, forward + backward (guard and optimizer: their whole "
     "phase), over a few profiled steps run after the timed ones (the profiler's own overhead "
-    "is in them, mostly on the many small operators). Backward time is charged to the layer "
-    "whose forward operator created each autograd node (the profiler's sequence numbers). "
+    "is in them: on the many small operators, and on a CPU whose heap keeps freed memory "
+    "(run.keep_host_memory) on the large elementwise ones too, because the profiler's records "
+    "split the blocks the heap kept and large fresh tensors fault again; so memory-bound lines "
+    "such as the LRN read high, and the profiled step is longer than the timed one). Backward "
+    "time is charged to the layer whose forward operator created each autograd node (the "
+    "profiler's sequence numbers). "
     "Rank imbalance is the time a rank spent inside an exchange beyond what the last rank to "
     "arrive spent in the same collective: waiting for its peer. Share of probe: the layer's "
     "FLOPs (forward + backward) per second of its time, against the matmul probe on that rank.")
