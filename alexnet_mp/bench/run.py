@@ -110,11 +110,9 @@ def _run_layout(name: str, mode: str, cfg: Config, layout: Layout, steps: int, w
 
 def _measure(work: Work, mode: str, cfg: Config, steps: int, warmup: int,
              profile: Path | None, variant: Variant, first: bool, cache: dict) -> dict[str, Any]:
-    device = work.layout.device
     if mode == "train":  # the all-reduce is not timed apart here: in compute
         return {**_train_steps(work, cfg, steps, warmup, variant), "allreduce_s": 0.0}
-    batches = Batches(mode, cfg, device, work.local_batch, work.data_shards, work.data_shard,
-                      variant.memory_format(cfg))
+    batches = Batches(mode, cfg, work.layout, work.local_batch, variant.memory_format(cfg))
     if first and mode == "synthetic":
         x, y = batches.next()
         cache["flops"] = count_flops(work, x, y)

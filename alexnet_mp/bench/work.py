@@ -23,6 +23,7 @@ from alexnet_mp.models.columns import Arch, ColumnLRN
 from alexnet_mp.parallel.build import build_model
 from alexnet_mp.parallel.exchange import Meter
 from alexnet_mp.parallel.layout import Layout
+from alexnet_mp.parallel.shards import agreed
 
 
 class TrafficMeter(Meter):
@@ -118,8 +119,6 @@ class Work:
     active: bool  # False on the ranks that wait during one-device layouts
     layout: Layout  # where the model runs (one device: a layout of its own)
     guard: StepGuard | None = None
-    data_shards: int = 1  # into how many shares the global batch is cut
-    data_shard: int = 0  # which one this rank takes
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Forward and backward, as the training loop runs them."""
@@ -169,16 +168,17 @@ def build_work(name: str, cfg: Config, layout: Layout, variant: Variant = Varian
 
     guard = StepGuard(on.distributed, on.step_group, on.device)
     return Work(model, runner, forward, make_sgd(model, cfg), meter, on.local_batch(batch), True,
-                on, guard, on.data_shards, on.data_shard)
+                on, guard)
 
 
 class Batches:
-    """Synthetic tensors already on the device, or the real loader and on-device transform;
-    ``shard`` of ``shards`` picks this rank's share of each global batch."""
+    """Synthetic tensors already on the device, or the real loader and on-device transform:
+    this rank's share of each global batch (``layout.data_shard`` of ``layout.data_shards``),
+    agreed with the other ranks' shares as the trainer's loader is."""
 
-    def __init__(self, mode: str, cfg: Config, device: torch.device, local_batch: int,
-                 shards: int, shard: int,
+    def __init__(self, mode: str, cfg: Config, layout: Layout, local_batch: int,
                  memory_format: torch.memory_format = torch.contiguous_format) -> None:
+        device, shards, shard = layout.device, layout.data_shards, layout.data_shard
         self.mode, self.device = mode, device
         size, c = cfg.data.image_size, cfg.model.in_channels
         g = torch.Generator().manual_seed(cfg.train.seed + shard)
@@ -190,10 +190,12 @@ class Batches:
             return
         data = build_data(cfg.data, num_classes=cfg.model.num_classes, in_channels=c,
                           seed=cfg.train.seed)
-        self.loader = make_loader(data.train, batch_size=local_batch, shuffle=True,
-                                  seed=cfg.train.seed, num_workers=cfg.data.num_workers,
-                                  pin_memory=device.type == "cuda", replicas=shards,
-                                  replica=shard, bad_images=cfg.data.bad_images)
+        # A share trimmed by the agreement is shorter on every rank alike, so all skip it.
+        self.loader = agreed(make_loader(data.train, batch_size=local_batch, shuffle=True,
+                                         seed=cfg.train.seed, num_workers=cfg.data.num_workers,
+                                         pin_memory=device.type == "cuda", replicas=shards,
+                                         replica=shard, bad_images=cfg.data.bad_images),
+                             layout, pad=False)
         self.transform = BatchTransform(size, data.mean, data.std,
                                         memory_format is torch.channels_last).to(device)
         self.epoch, self.it = 0, iter(())
