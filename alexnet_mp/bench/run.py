@@ -5,6 +5,7 @@ bench.md and bench.png."""
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import os
 import statistics
@@ -73,6 +74,7 @@ def _run_layout(name: str, mode: str, cfg: Config, layout: Layout, steps: int, w
                 cache: dict) -> dict[str, Any] | None:
     device, rank = layout.device, layout.rank
     dims = bench_dims(name, layout.world_size)
+    gc.collect()  # the previous arm's model and batches, some held in cycles
     release_freed_memory()
     _barrier(layout)
     record: dict[str, Any] = {"layout": name, "variant": variant.name, "data": mode,
