@@ -11,7 +11,7 @@ Keeping freed memory in the heap (no mmap for large blocks, no trimming) makes t
 reuse the first one's pages. This is what the allocators the PyTorch CPU tuning guide recommends
 (jemalloc, tcmalloc) do; glibc does it with two ``mallopt`` calls and nothing to install. The
 price is that resident memory stays at the step's high-water mark between steps instead of
-dropping after each one (2 % more at the paper's size in the benchmark, 8 % for the main job,
+dropping after each one (2 % more at the paper's size in the benchmark, 8-11 % for the main job,
 whose training loop hands the pages back between its phases with :func:`release_freed_memory`).
 
 Only glibc has ``mallopt``: elsewhere (macOS, musl) :func:`keep_freed_memory` returns False and
