@@ -79,7 +79,9 @@ class TrainConfig:
     step_size: int = 30  # epochs between divisions (schedule=step)
     gamma: float = 0.1
     patience: int = 5  # epochs without validation improvement (schedule=plateau)
-    amp: str = "none"  # none | bf16 | fp16 (fp16 only on CUDA, with a gradient scaler)
+    # auto: bf16 autocast on a CUDA device that has it, exact fp32 elsewhere (CPU runs stay
+    # exact); none | bf16 | fp16 (fp16 only on CUDA, with a gradient scaler).
+    amp: str = "auto"
     channels_last: bool = False
     eval_only: bool = False
     # Judge the epoch-end evaluation as the paper reports: softmax averaged over ten crops (four
@@ -112,6 +114,10 @@ class RunConfig:
     timeout_s: float = 600.0
     save_timeout_s: float = 1800.0
     progress: bool = True
+    # CUDA: let cuDNN time its algorithms for each new shape and keep the fastest (the input
+    # size is fixed, so it times once). Off: cuDNN's heuristics, for runs that must repeat
+    # exactly on one GPU.
+    cudnn_benchmark: bool = True
     # TensorBoard event files beside metrics.jsonl, with the same scalars (pip install -e
     # '.[tensorboard]').
     tensorboard: bool = False
@@ -145,7 +151,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.init": ("auto", "paper", "xavier", "xavier_relu", "kaiming"),
     "data.name": DATASETS,
     "train.schedule": ("none", "step", "plateau"),
-    "train.amp": ("none", "bf16", "fp16"),
+    "train.amp": ("auto", "none", "bf16", "fp16"),
     "train.nonfinite": ("stop", "skip"),
     "train.momentum_form": ("torch", "paper"),
     "data.bad_images": ("stop", "skip"),

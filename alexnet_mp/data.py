@@ -20,7 +20,7 @@ from torchvision.transforms import v2
 
 from alexnet_mp.config import DataConfig
 from alexnet_mp.errors import UserError
-from alexnet_mp.imagefolder import UnreadableImage, imagefolder_sets
+from alexnet_mp.imagefolder import imagefolder_sets
 from alexnet_mp.lighting import Lighting, lighting_components
 
 # (channels, classes, mean, std)
@@ -59,8 +59,6 @@ class SeededTransform(Dataset):
 
     def __getitem__(self, index: int):
         img, target = self.base[index]
-        if isinstance(img, UnreadableImage):
-            return img, target
         key = f"{self.seed}:{self.epoch}:{index}".encode()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int.from_bytes(hashlib.blake2b(key, digest_size=8).digest()) >> 1)

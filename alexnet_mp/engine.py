@@ -1,8 +1,10 @@
 """One SGD loop and one evaluation for every layout.
 
 The loop never asks where the model lives: every layout's model returns full logits on every
-rank. Running sums stay on the device and are read every ``log_every`` steps; the only other
-host sync is the guard's one flag per step (finite everywhere? asked to stop?).
+rank. A steady step never waits for the device: the step's figures (loss, correct and seen
+counts, and whether it was finite) stay on the device, and the host reads them, with the ranks'
+stop requests, once per log window (:class:`Window`). A non-finite step is skipped on the device
+(:mod:`alexnet_mp.guard`, :func:`alexnet_mp.optim.step_unless`) and reported at the window's end.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
+import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
@@ -21,7 +24,13 @@ from torchvision.transforms import v2
 from tqdm import tqdm
 
 from alexnet_mp.errors import UserError, peer_errors
-from alexnet_mp.guard import StepGuard
+from alexnet_mp.guard import StepGuard, StepSync
+from alexnet_mp.optim import step_unless
+from alexnet_mp.prefetch import on_device
+
+# Label of an example that is not one: loader padding that evens out replicas' shares, and the
+# stand-in for an unreadable image. Losses and counts leave it out.
+IGNORE = -1
 
 
 @dataclass
@@ -49,13 +58,30 @@ class NonFiniteError(UserError):
         self.loss_at_step = loss_at_step  # set when a step's loss or gradients were not finite
 
 
+@dataclass
+class LoopOptions:
+    max_steps: int | None = None  # stop once the run has taken this many steps in all
+    log_every: int = 20  # steps between step records, host reads and stop agreement
+    flush_every: int = 0  # further steps at which the figures must be read (checkpoints)
+    show_bar: bool = False
+    nonfinite: str = "stop"  # a non-finite step: "stop" the run, or "skip" it
+    max_skipped: int = 10  # with "skip": stop after this many skipped steps in a row
+
+
 class Precision:
-    """Autocast and (for fp16 on CUDA) a gradient scaler, or plain fp32."""
+    """Autocast and (for fp16 on CUDA) a gradient scaler, or plain fp32.
+
+    ``amp="auto"``: bf16 on a CUDA device that has it, exact fp32 everywhere else.
+    """
 
     def __init__(self, amp: str, device: torch.device, group=None) -> None:
+        if amp == "auto":
+            amp = ("bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported()
+                   else "none")
         if amp == "fp16" and device.type != "cuda":
             raise UserError(f"train.amp=fp16 needs CUDA (this run is on {device.type}); use "
                             "train.amp=bf16 or none")
+        self.amp = amp
         self.device = device
         self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
         self.scaler = None
@@ -77,9 +103,10 @@ class Precision:
     def backward(self, loss: torch.Tensor) -> None:
         (loss if self.scaler is None else self.scaler.scale(loss)).backward()
 
-    def step(self, optimizer: torch.optim.Optimizer) -> None:
+    def step(self, optimizer: torch.optim.Optimizer, found_inf: torch.Tensor | None) -> None:
+        """Step unless ``found_inf`` (a device tensor) is set; the host reads nothing."""
         if self.scaler is None:
-            optimizer.step()
+            step_unless(optimizer, found_inf)
         else:  # the scaler skips steps with inf gradients itself and lowers its scale
             self.scaler.step(optimizer)
             self.scaler.update()
@@ -95,84 +122,151 @@ def _topk_correct(logits: torch.Tensor, y: torch.Tensor, k: int) -> torch.Tensor
     return (logits.topk(k, dim=1).indices == y[:, None]).any(dim=1).sum()
 
 
+class Window:
+    """The steps since the host last looked, kept on the device.
+
+    Each step adds a row (loss x seen, correct, seen, not finite); a step is skipped on the
+    device when it is not finite, or once the run must stop (``nonfinite="stop"`` after one
+    such step, ``"skip"`` after ``max_skipped`` in a row), so that no step after the failing one
+    moves the parameters either. :meth:`read` sums the rows, the ranks' stop requests and their
+    counts of unreadable images over the ranks in one all-reduce, reads them in one host sync,
+    and replays the rows on the host in order: the state's sums, the skipped records and the
+    error come out exactly as if each step had been read at once.
+    """
+
+    def __init__(self, state: TrainState, sync: StepSync, guard: StepGuard | None,
+                 options: LoopOptions, device: torch.device) -> None:
+        self.state, self.sync, self.guard, self.options = state, sync, guard, options
+        self.rows: list[torch.Tensor] = []
+        self.first_step = state.global_step  # global step before the window's first row
+        self.in_row = torch.full((), float(state.skipped_in_row), device=device)
+        self.halted = torch.zeros((), device=device)
+
+    def found_inf(self, bad: torch.Tensor) -> torch.Tensor:
+        """The flag the optimizer takes for a step whose own verdict is ``bad`` (0/1)."""
+        o = self.options
+        if o.nonfinite == "skip":
+            self.in_row = (self.in_row + 1) * bad
+            ends = (self.in_row >= o.max_skipped).float()
+        else:
+            ends = bad
+        skip = torch.maximum(bad, self.halted)
+        self.halted = torch.maximum(self.halted, ends)
+        return skip
+
+    def add(self, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor, seen: torch.Tensor,
+            bad: torch.Tensor) -> None:
+        correct = (logits.detach().argmax(dim=1) == y).sum().float()
+        self.rows.append(torch.stack([loss.detach().float() * seen, correct, seen,
+                                      bad.float()]))
+
+    def read(self, new_bad_images: int, on_log: Callable[[dict], None]) -> tuple[float, int]:
+        """Reads and replays the window; returns (the last step's loss, the ranks' unreadable
+        images since the last read). Raises :class:`NonFiniteError` where a step failed."""
+        state, o = self.state, self.options
+        rows = torch.stack(self.rows) if self.rows else torch.zeros(0, 4, device=self.in_row.device)
+        stop = self.guard.stop_counts() if self.guard is not None else [0.0, 0.0, 0.0]
+        extra = torch.tensor([*stop, float(new_bad_images)], device=rows.device)
+        if self.sync.group is None:
+            flat = torch.cat([rows.flatten(), extra])
+        else:
+            mine = rows.flatten() if self.sync.counts else torch.zeros(rows.numel(),
+                                                                       device=rows.device)
+            with peer_errors("reading the figures of the log window"):
+                flat = funcol.all_reduce(torch.cat([mine, extra]), "sum", self.sync.group)
+        values = flat.tolist()  # the window's one host sync
+        n = rows.shape[0]
+        if self.guard is not None:
+            self.guard.agree_stop(values[4 * n: 4 * n + 3])
+        bad_images = int(values[-1])
+        step_loss = float("nan")
+        for i in range(n):
+            loss_sum, correct, seen, bad = values[4 * i: 4 * i + 4]
+            step = self.first_step + i + 1
+            if bad > 0:
+                state.skipped_in_row += 1
+                if o.nonfinite != "skip" or state.skipped_in_row >= o.max_skipped:
+                    why = (f"{state.skipped_in_row} steps in a row were" if o.nonfinite == "skip"
+                           else "the loss or a gradient became")
+                    raise NonFiniteError(
+                        f"{why} NaN or infinite at step {step} (epoch {state.epoch + 1}); no such "
+                        "step was applied and the last good checkpoint is kept: lower train.lr "
+                        "(a resumed run may change it) or check the data", loss_at_step=step)
+                step_loss = float("nan")
+                on_log({"kind": "skipped", "epoch": state.epoch + 1, "step": step})
+            else:
+                state.skipped_in_row = 0
+                state.loss_sum += loss_sum
+                state.correct += int(correct)
+                state.seen += int(seen)
+                step_loss = loss_sum / max(seen, 1)
+        self.rows.clear()
+        self.first_step = state.global_step
+        return step_loss, bad_images
+
+
 def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer,
                     transform: nn.Module, state: TrainState, precision: Precision, *,
-                    max_steps: int | None = None, log_every: int = 20, show_bar: bool = False,
-                    guard: StepGuard | None = None, skip_nonfinite: bool = False,
-                    max_skipped: int = 10,
+                    options: LoopOptions | None = None, sync: StepSync | None = None,
+                    guard: StepGuard | None = None,
                     on_log: Callable[[dict], None] = lambda r: None,
-                    after_step: Callable[[TrainState], None] = lambda s: None,
-                    targets: Callable[[torch.Tensor], torch.Tensor] = lambda y: y,
-                    reduce: Callable[[torch.Tensor], torch.Tensor] = lambda t: t) -> dict:
+                    on_read: Callable[[TrainState, int], None] = lambda s, n: None) -> dict:
     """Train from batch ``state.step`` of epoch ``state.epoch`` to its end, ``max_steps``, or
-    until the guard says every rank is stopping.
+    until the ranks agree to stop (at a log window's end).
 
     A step whose loss or gradients are not finite on some rank is never applied: the run stops
-    with :class:`NonFiniteError` or, with ``skip_nonfinite``, goes on to the next batch (until
-    ``max_skipped`` such steps in a row). ``targets`` maps this rank's labels to those of the
-    logits the model returns (a layout that gathers the batch gathers its labels); ``reduce``
-    sums the step's figures over replicas, which each see their own share. Step records
-    are logged every ``log_every`` steps and at the epoch's end only, so an interrupted and
-    resumed run logs the same records as a straight one. Returns the epoch's loss and accuracy
-    (over the whole epoch so far, resumed part included) and images/s over the batches run
-    here.
+    with :class:`NonFiniteError` or, with ``nonfinite="skip"``, goes on to the next batch (until
+    ``max_skipped`` such steps in a row). The figures are read every ``log_every`` and
+    ``flush_every`` steps and at the end; ``on_read(state, bad_images)`` is called after each
+    read, with the count of unreadable images the ranks met since the last one. Step records are
+    logged every ``log_every`` steps and at the epoch's end only, so an interrupted and resumed
+    run logs the same records as a straight one. Returns the epoch's loss and accuracy (over the
+    whole epoch so far, resumed part included) and images/s over the batches run here.
     """
+    o = options or LoopOptions()
+    sync = sync or StepSync()
     model.train()
     device = precision.device
     if state.step == 0:
         state.loss_sum, state.correct, state.seen = 0.0, 0, 0
+    window = Window(state, sync, guard, o, device)
     seen_here = 0
     window_start, window_seen = time.perf_counter(), 0
     epoch_start = window_start
     total = state.step + len(loader)
     bar = tqdm(total=total, initial=state.step, desc=f"epoch {state.epoch + 1}",
-               disable=not show_bar, dynamic_ncols=True, leave=False, mininterval=1.0)
-    for x, y in loader:
-        x = transform(x.to(device, non_blocking=True))
-        y = targets(y.to(device, non_blocking=True))
+               disable=not o.show_bar, dynamic_ncols=True, leave=False, mininterval=1.0)
+    for x, y in on_device(loader, device):
+        x = transform(x)
+        y = sync.targets(y)
         with precision.autocast():
             logits = model(x)
-        loss = F.cross_entropy(logits.float(), y)
+        seen = (y != IGNORE).sum().float()
+        # The sum over the counted rows divided by their number is cross_entropy's mean bit for
+        # bit, and a batch of stand-ins alone gives 0 with no gradient instead of 0/0.
+        loss = F.cross_entropy(logits.float(), y, ignore_index=IGNORE,
+                               reduction="sum") / seen.clamp(min=1)
         optimizer.zero_grad(set_to_none=True)
-        # torch's own collectives (the exchanges' reduce-scatter, the replicas' all-reduce) run
-        # inside autograd, so a lost peer surfaces here.
-        with peer_errors("the backward pass"):
-            precision.backward(loss)
-        n = y.shape[0]
+        precision.backward(loss)
         # With a gradient scaler, inf gradients are routine: the scaler skips those steps.
-        if guard is not None and not guard.check(loss, model, grads=precision.scaler is None):
-            state.skipped_in_row += 1
-            if not skip_nonfinite or state.skipped_in_row >= max_skipped:
-                why = (f"{state.skipped_in_row} steps in a row were" if skip_nonfinite
-                       else "the loss or a gradient became")
-                raise NonFiniteError(
-                    f"{why} NaN or infinite at step {state.global_step + 1} (epoch "
-                    f"{state.epoch + 1}); no such step was applied and the last good checkpoint "
-                    "is kept: lower train.lr (a resumed run may change it) or check the data",
-                    loss_at_step=state.global_step + 1)
-            optimizer.zero_grad(set_to_none=True)
-            step_loss = float("nan")
-            on_log({"kind": "skipped", "epoch": state.epoch + 1, "step": state.global_step + 1})
-        else:
-            state.skipped_in_row = 0
-            # Read after the guard's sync and before the optimizer's kernels: no extra wait.
-            figures = reduce(torch.stack([
-                loss.detach().float() * n, (logits.detach().argmax(dim=1) == y).sum().float(),
-                torch.tensor(float(n), device=loss.device)]))
-            batch_loss, batch_correct, batch_seen = figures.tolist()
-            precision.step(optimizer)
-            state.loss_sum += batch_loss
-            state.correct += int(batch_correct)
-            state.seen += int(batch_seen)
-            step_loss = batch_loss / max(batch_seen, 1)
+        bad = (guard.found_inf(loss, model, grads=precision.scaler is None)
+               if guard is not None else torch.zeros((), device=device))
+        window.add(loss, logits, y, seen, bad)
+        precision.step(optimizer, window.found_inf(bad))
+        n = y.shape[0]
         seen_here += n
         window_seen += n
         state.step += 1
         state.global_step += 1
         bar.update(1)
-        last = (state.step == total or (max_steps is not None and state.global_step >= max_steps)
-                or (guard is not None and guard.stopping))
-        if state.global_step % log_every == 0 or state.step == total:
+        at_end = state.step == total or (o.max_steps is not None
+                                          and state.global_step >= o.max_steps)
+        logs = state.global_step % o.log_every == 0 or state.step == total
+        flushes = bool(o.flush_every) and state.global_step % o.flush_every == 0
+        if not (logs or flushes or at_end):
+            continue
+        step_loss, bad_images = window.read(loader_bad_images(loader), on_log)
+        if logs:
             now = time.perf_counter()
             record = {"kind": "step", "epoch": state.epoch + 1, "step": state.global_step,
                       "loss": step_loss, "lr": optimizer.param_groups[0]["lr"],
@@ -182,8 +276,8 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
                             acc=f"{state.correct / max(state.seen, 1):.3f}",
                             img_s=f"{record['images_per_s']:.0f}")
             on_log(record)
-        after_step(state)
-        if last:
+        on_read(state, bad_images)
+        if at_end or (guard is not None and guard.stopping):
             break
     bar.close()
     sync_device(device)
@@ -193,9 +287,15 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
             "images_per_s": seen_here / max(elapsed, 1e-9), "images": state.seen}
 
 
+def loader_bad_images(loader: object) -> int:
+    """How many unreadable images ``loader`` has met and not yet handed over (0 if it cannot
+    meet any)."""
+    return len(getattr(loader, "bad_files", ()))
+
+
 def ten_crop_log_probs(model: nn.Module, x: torch.Tensor, crop_size: int,
                        autocast: Callable[[], contextlib.AbstractContextManager]
-                       = contextlib.nullcontext) -> torch.Tensor:
+                       = contextlib.nullcontext, mirror: bool = True) -> torch.Tensor:
     """Log of the softmax averaged over ten views of each image in ``x``: the four corner crops
     and the centre crop of side ``crop_size``, and their horizontal flips (paper §4.1).
 
@@ -207,7 +307,7 @@ def ten_crop_log_probs(model: nn.Module, x: torch.Tensor, crop_size: int,
     # its centre again, which for an odd margin (256 - 227 = 29) is a pixel off the mirrored
     # centre patch.
     five = v2.functional.five_crop(x, [crop_size, crop_size])
-    views = (*five, *(view.flip(-1) for view in five))
+    views = (*five, *(view.flip(-1) for view in five)) if mirror else five
     log_probs = []
     for view in views:
         with autocast():
@@ -219,51 +319,54 @@ def ten_crop_log_probs(model: nn.Module, x: torch.Tensor, crop_size: int,
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: DataLoader, transform: nn.Module,
              precision: Precision, guard: StepGuard | None = None,
-             targets: Callable[[torch.Tensor], torch.Tensor] = lambda y: y,
-             reduce: Callable[[torch.Tensor], torch.Tensor] = lambda t: t, *,
-             ten_crop: bool = False, crop_size: int | None = None,
+             sync: StepSync | None = None, *, ten_crop: bool = False,
+             crop_size: int | None = None, mirror: bool = True, poll_every: int = 20,
              show_bar: bool = False) -> dict | None:
     """Top-1, top-5 and loss over every test example (each rank runs every batch in lockstep).
 
-    Samples labelled -1 are padding (a sampler's, so that replicas run as many batches, or
-    :mod:`alexnet_mp.parallel.shards`', so that their shares have as many rows) and are left
-    out; ``reduce`` sums the figures over replicas, so each example counts exactly once.
+    Samples labelled -1 (:data:`IGNORE`: a sampler's padding, so that replicas run as many
+    batches, or an unreadable image's stand-in) are left out; the figures are summed over the
+    replicas (``sync``), so each example counts exactly once.
 
-    With a ``guard``, a stop request (SIGTERM, Ctrl-C) abandons the evaluation after the batch in
-    flight and returns None: a long evaluation must not outlast a scheduler's grace period.
+    With a ``guard``, a stop request (SIGTERM, Ctrl-C) abandons the evaluation within
+    ``poll_every`` batches and returns None: a long evaluation must not outlast a scheduler's
+    grace period.
 
     ``ten_crop``: ``transform`` must give images larger than the model's input (256 for the
-    paper's 227); each is judged by its softmax averaged over :func:`ten_crop_log_probs`'s ten crops
-    of side ``crop_size``, and the loss is that average's cross-entropy.
+    paper's 227); each is judged by its softmax averaged over :func:`ten_crop_log_probs`'s ten
+    crops of side ``crop_size`` (five without ``mirror``), and the loss is that average's
+    cross-entropy.
     """
     if ten_crop and crop_size is None:
         raise ValueError("ten_crop needs crop_size, the side of the model's input")
+    sync = sync or StepSync()
     model.eval()
     device = precision.device
     loss_sum = torch.zeros((), device=device)
     top1 = torch.zeros((), device=device, dtype=torch.long)
     top5 = torch.zeros((), device=device, dtype=torch.long)
     seen = torch.zeros((), device=device, dtype=torch.long)
-    bar = tqdm(loader, desc="evaluating", disable=not show_bar, dynamic_ncols=True, leave=False,
-               mininterval=1.0)
-    for x, y in bar:
-        x = transform(x.to(device, non_blocking=True))
-        y = targets(y.to(device, non_blocking=True))
+    bar = tqdm(total=len(loader), desc="evaluating", disable=not show_bar, dynamic_ncols=True,
+               leave=False, mininterval=1.0)
+    for i, (x, y) in enumerate(on_device(loader, device)):
+        x = transform(x)
+        y = sync.targets(y)
         if ten_crop:
-            logits = ten_crop_log_probs(model, x, crop_size, precision.autocast)
-            loss_sum += F.nll_loss(logits, y, reduction="sum", ignore_index=-1)
+            logits = ten_crop_log_probs(model, x, crop_size, precision.autocast, mirror=mirror)
+            loss_sum += F.nll_loss(logits, y, reduction="sum", ignore_index=IGNORE)
         else:
             with precision.autocast():
                 logits = model(x).float()
-            loss_sum += F.cross_entropy(logits, y, reduction="sum", ignore_index=-1)
+            loss_sum += F.cross_entropy(logits, y, reduction="sum", ignore_index=IGNORE)
         top1 += _topk_correct(logits, y, 1)
         top5 += _topk_correct(logits, y, 5)
-        seen += (y >= 0).sum()
-        if guard is not None and guard.poll():
+        seen += (y != IGNORE).sum()
+        bar.update(1)
+        if guard is not None and (i + 1) % poll_every == 0 and guard.poll():
             bar.close()
             return None
     bar.close()
-    loss, top1, top5, seen = reduce(torch.stack([loss_sum, top1.float(), top5.float(),
-                                                 seen.float()])).tolist()
+    loss, top1, top5, seen = sync.sum(torch.stack([loss_sum, top1.float(), top5.float(),
+                                                   seen.float()])).tolist()
     return {"test_loss": loss / max(seen, 1), "test_acc": top1 / max(seen, 1),
             "test_top5": top5 / max(seen, 1), "test_images": int(seen)}

@@ -1,11 +1,18 @@
-"""Once a step, every rank agrees on two things before the optimizer moves: is the step finite
-everywhere, and has any rank been asked to stop?
+"""The two things every rank must agree on: is a step finite everywhere, and has any rank been
+asked to stop?
 
-Both answers travel in one two-element all-reduce, so a NaN on one column or a signal to one
-rank stops all of them at the same step. The price is one small host sync per step.
+Neither answer may cost the host a wait for the device at every step:
+
+- Finiteness is decided on the device. :meth:`StepGuard.found_inf` gives a 0/1 tensor, agreed
+  over the ranks by an all-reduce that stays on the device, which the optimizer takes as its
+  ``found_inf`` (torch's fused optimizers skip a step whose ``found_inf`` is set, the path a
+  gradient scaler uses): a non-finite step is never applied, and nobody reads the flag.
+- Stop requests travel with the training figures, once per log window
+  (:class:`alexnet_mp.engine.Window`), as counts of each signal (:meth:`stop_counts`), so one
+  sum-all-reduce carries both.
 
 Stop requests are SIGTERM (schedulers and torchrun), SIGINT (Ctrl-C) and SIGHUP (a closed
-terminal). Each is turned into a request to stop after the current step; a second Ctrl-C
+terminal). Each is turned into a request to stop at the end of the log window; a second Ctrl-C
 interrupts at once.
 """
 
@@ -13,9 +20,12 @@ from __future__ import annotations
 
 import signal
 import threading
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
 from torch import nn
 
 from alexnet_mp.errors import peer_errors
@@ -26,6 +36,9 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 # it. Ctrl-C and a hang-up end with the shell's convention, 128 + the signal's number.
 EXIT_CODES = {signal.SIGTERM: 0, signal.SIGINT: 128 + signal.SIGINT,
               signal.SIGHUP: 128 + signal.SIGHUP}
+# When ranks got different signals, the one with the highest number wins on every rank (SIGTERM
+# over SIGINT over SIGHUP), so all end with the same status.
+_BY_PRIORITY = sorted(STOP_SIGNALS, reverse=True)
 
 
 class StepGuard:
@@ -38,8 +51,8 @@ class StepGuard:
         self._previous: dict[int, object] = {}
 
     def install(self) -> None:
-        """Turn the stop signals into a request to stop after the current step (main thread
-        only; Python delivers signals there)."""
+        """Turn the stop signals into a request to stop (main thread only; Python delivers
+        signals there)."""
         if threading.current_thread() is not threading.main_thread():
             return
         for sig in STOP_SIGNALS:
@@ -57,40 +70,72 @@ class StepGuard:
         self.stop_requested = True
         self.signal = self.signal or signal.Signals(signum)
 
-    def _stop_flag(self) -> float:
-        # The signal's number travels, not just "stop": every rank then ends with the same code.
-        return float(self.signal) if self.signal is not None else 0.0
-
-    def _agreed_stop(self, value: float) -> None:
-        if value > 0:
-            self.stopping = True
-            self.signal = signal.Signals(int(value))
-
     @property
     def exit_code(self) -> int:
         return EXIT_CODES.get(self.signal, 0) if self.signal is not None else 0
 
-    def _agree(self, flags: torch.Tensor) -> list[float]:
-        if self.distributed:
-            with peer_errors("the per-step agreement between ranks"):
-                dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.group)
-        return flags.tolist()
+    # -- stop requests, agreed at the log window's cadence ------------------------------------
+    def stop_counts(self) -> list[float]:
+        """This rank's stop request as one count per signal, to be summed over the ranks."""
+        return [float(self.signal == sig) for sig in _BY_PRIORITY]
 
-    def check(self, loss: torch.Tensor, model: nn.Module, grads: bool = True) -> bool:
-        """True when the step is finite on every rank; sets ``stopping`` if any rank must stop."""
+    def agree_stop(self, counts: list[float]) -> bool:
+        """Take the ranks' summed :meth:`stop_counts`; sets ``stopping`` (and the signal every
+        rank ends with) if any rank was asked to stop."""
+        for sig, count in zip(_BY_PRIORITY, counts):
+            if count > 0:
+                self.stopping, self.signal = True, sig
+                break
+        return self.stopping
+
+    def poll(self) -> bool:
+        """Outside the training steps (evaluation, epoch ends): has any rank been asked to stop?
+        One host read, with an all-reduce when distributed."""
+        counts = torch.tensor(self.stop_counts(), device=self.device)
+        if self.distributed:
+            with peer_errors("agreeing on a stop request between ranks"):
+                dist.all_reduce(counts, group=self.group)
+        return self.agree_stop(counts.tolist())
+
+    # -- finite steps, decided on the device ----------------------------------------------------
+    def found_inf(self, loss: torch.Tensor, model: nn.Module, grads: bool = True) -> torch.Tensor:
+        """1.0 when the loss or (with ``grads``) a gradient is not finite on some rank, else 0.0:
+        a float tensor on the device that no one reads on the host."""
         finite = torch.isfinite(loss.detach())
         if grads:
             gs = [p.grad for p in model.parameters() if p.grad is not None]
             if gs:
+                # The norms' sum is non-finite exactly when one gradient element is.
                 finite = finite & torch.isfinite(torch.stack(torch._foreach_norm(gs)).sum())
-        flags = torch.stack([(~finite).float(),
-                             torch.tensor(self._stop_flag(), device=loss.device)])
-        bad, stop = self._agree(flags)
-        self._agreed_stop(stop)
-        return bad == 0
+        bad = (~finite).float().reshape(1)
+        if self.distributed:
+            # A functional collective: on NCCL it is ordered on the device's stream, and the
+            # optimizer that reads the result waits on the device, never on the host.
+            with peer_errors("agreeing on a finite step between ranks"):
+                bad = funcol.all_reduce(bad, "max", self.group)
+        return bad.reshape(())
 
-    def poll(self) -> bool:
-        """Outside a training step (evaluation, epoch ends): has any rank been asked to stop?"""
-        flags = torch.tensor([0.0, self._stop_flag()], device=self.device)
-        self._agreed_stop(self._agree(flags)[1])
-        return self.stopping
+
+@dataclass
+class StepSync:
+    """What the loop needs from the layout, and nothing else of it.
+
+    ``group``: every rank of the step (None on one process). ``counts``: whether this rank's
+    figures count in the sum over ``group``; ranks that compute the same figures (the columns
+    of one replica, every rank of the hybrid layout, which all hold the whole batch's logits)
+    let one of them speak, so a plain sum over the whole group sums the replicas.
+    ``targets`` maps this rank's labels to those of the logits the model returns (a layout that
+    gathers the batch gathers its labels).
+    """
+
+    group: dist.ProcessGroup | None = None
+    counts: bool = True
+    targets: Callable[[torch.Tensor], torch.Tensor] = lambda y: y
+
+    def sum(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` summed over the counting ranks (a new tensor; on one process, ``t``)."""
+        if self.group is None:
+            return t
+        mine = t if self.counts else torch.zeros_like(t)
+        with peer_errors("summing the figures over the ranks"):
+            return funcol.all_reduce(mine, "sum", self.group).wait()

@@ -1,8 +1,12 @@
 """Image folders (``data.name=imagefolder``): train/ and val/ checked, unreadable files marked.
 
-An image file that cannot be decoded travels through the loader as an :class:`UnreadableImage`
-in place of its sample, and the main process decides (``data.bad_images``) whether to stop,
-naming the file, or to drop it from its batch (:class:`alexnet_mp.loader.CheckedLoader`).
+An image file that cannot be decoded becomes a stand-in: a black image, transformed as any
+other, whose target is an :class:`UnreadableImage` naming the file. The loader labels it -1,
+which no loss or figure counts, and records the file (:class:`alexnet_mp.loader.CheckedLoader`);
+every share of a batch keeps its size, so ranks reading different shares need not agree on each
+batch. The training loop reads the ranks' counts with its figures and decides
+(``data.bad_images``) whether to stop, naming the file, or to go on and name it at the epoch's
+end.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import PIL
+import PIL.Image
 import torch
 import torchvision
 from torch.utils.data import Dataset
@@ -21,7 +26,7 @@ from alexnet_mp.errors import UserError
 
 
 class UnreadableImage:
-    """Stands in for a sample whose file could not be decoded (see
+    """The target of a stand-in for a file that could not be decoded (see
     :func:`alexnet_mp.loader.collate`)."""
 
     __slots__ = ("path", "reason")
@@ -39,24 +44,32 @@ def _reason(exc: BaseException) -> str:
 
 
 class CheckedImageFolder(torchvision.datasets.ImageFolder):
-    """ImageFolder whose unreadable files come back as :class:`UnreadableImage` samples.
+    """ImageFolder whose unreadable files come back as stand-ins: a black image, and an
+    :class:`UnreadableImage` as the target.
 
     Raising instead would surface as a traceback from inside a loader worker, which a
     DataLoader re-raises without the file's path (PIL's truncation errors do not name it).
-    Only the read is guarded: a file that decodes is transformed as usual.
+    Only the read is guarded: the stand-in is transformed as any image is, so it has the
+    batch's shape.
     """
 
-    def __getitem__(self, index: int) -> tuple[Any, int]:
+    def __getitem__(self, index: int) -> tuple[Any, Any]:
         path, target = self.samples[index]
         try:
             sample = self.loader(path)
         except Exception as exc:  # any decoder failure; the main process reports or skips it
-            return UnreadableImage(path, _reason(exc)), target
+            sample, target = stand_in(), UnreadableImage(path, _reason(exc))
         if self.transform is not None:
             sample = self.transform(sample)
-        if self.target_transform is not None:
+        if self.target_transform is not None and not isinstance(target, UnreadableImage):
             target = self.target_transform(target)
         return sample, target
+
+
+def stand_in() -> PIL.Image.Image:
+    """The image that takes an unreadable file's place: black, at the paper's 256 scale (every
+    transform here resizes or crops it to the batch's shape)."""
+    return PIL.Image.new("RGB", (256, 256))
 
 
 def _few(names: list[str], shown: int = 3) -> str:

@@ -31,6 +31,7 @@ from torchvision.datasets import DatasetFolder
 from torchvision.transforms import v2
 
 from alexnet_mp import checkpoint as ckpt
+from alexnet_mp.badimages import count_everywhere, stop_error, take_everywhere
 from alexnet_mp.config import MODELS, Config, load_config
 from alexnet_mp.data import STATS, BatchTransform, build_data
 from alexnet_mp.engine import Precision, evaluate, ten_crop_log_probs
@@ -39,7 +40,6 @@ from alexnet_mp.loader import make_loader
 from alexnet_mp.models import model_family
 from alexnet_mp.parallel.build import build_model
 from alexnet_mp.parallel.layout import Layout
-from alexnet_mp.parallel.shards import agreed
 
 FAMILIES = tuple(sorted({model_family(name) for name in MODELS}))
 # Stored keys that describe the training machine or training-only transforms: evaluation starts
@@ -235,23 +235,26 @@ def evaluate_checkpoint(loaded: Loaded, *, ten_crop: bool = False,
                         "trained for (--data-root, --data)")
     if ten_crop:
         whole_scaled_images(data.test, size)
-    loader = agreed(make_loader(data.test, batch_size=layout.local_batch(batch), shuffle=False,
-                                seed=cfg.train.seed, num_workers=cfg.data.num_workers,
-                                pin_memory=layout.device.type == "cuda",
-                                replicas=layout.data_shards, replica=layout.data_shard,
-                                bad_images=cfg.data.bad_images, mark_padding=True),
-                    layout, pad=True)
+    loader = make_loader(data.test, batch_size=layout.local_batch(batch), shuffle=False,
+                         seed=cfg.train.seed, num_workers=cfg.data.num_workers,
+                         pin_memory=layout.device.type == "cuda",
+                         replicas=layout.data_shards, replica=layout.data_shard,
+                         bad_images=cfg.data.bad_images, mark_padding=True)
     # The checkpoint's normalisation: the model learnt with it, whatever set it is shown now.
     transform = BatchTransform(scaled_size(size) if ten_crop else size, info.mean, info.std,
                                cfg.train.channels_last).to(layout.device)
     start = time.perf_counter()
     result = evaluate(loaded.model, loader, transform, Precision(cfg.train.amp, layout.device),
-                      targets=layout.loss_targets, reduce=layout.sum_over_replicas,
-                      ten_crop=ten_crop, crop_size=size, show_bar=show_bar)
+                      sync=layout.step_sync(), ten_crop=ten_crop, crop_size=size,
+                      show_bar=show_bar)
     seconds = time.perf_counter() - start
-    if loader.bad_files:
-        first, why = loader.bad_files[0]
-        warn(f"left out {len(loader.bad_files)} unreadable image(s) (data.bad_images=skip), "
+    group = layout.step_sync().group
+    bad = take_everywhere(loader, group, count_everywhere(loader, group))
+    if bad and cfg.data.bad_images == "stop":
+        raise stop_error(bad)
+    if bad:
+        first, why = bad[0]
+        warn(f"left out {len(bad)} unreadable image(s) (data.bad_images=skip), "
              f"first {first}: {why}")
     return {
         "checkpoint": str(loaded.path), "step": loaded.step, "epochs_done": loaded.epoch,
@@ -263,7 +266,7 @@ def evaluate_checkpoint(loaded: Loaded, *, ten_crop: bool = False,
         "top1_error": 1.0 - result["test_acc"], "top5_error": 1.0 - result["test_top5"],
         "loss": result["test_loss"], "layout": layout.name, "ranks": layout.world_size,
         "device": layout.device.type, "batch_size": batch, "seconds": seconds,
-        "unreadable_images": [path for path, _ in loader.bad_files], "notes": loaded.notes,
+        "unreadable_images": [path for path, _ in bad], "notes": loaded.notes,
     }
 
 

@@ -3,9 +3,8 @@
 Both columns build the same loader with the same seed, so they see the same batches: the split
 is of the model, not of the data.
 
-A sample whose file could not be decoded arrives as an
-:class:`~alexnet_mp.imagefolder.UnreadableImage`, and the main process decides
-(``data.bad_images``) whether to stop, naming the file, or to drop it from its batch.
+A sample whose file could not be decoded arrives as a stand-in labelled -1, and the main
+process records the file (:class:`CheckedLoader`).
 """
 
 from __future__ import annotations
@@ -22,7 +21,6 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset, default_collate
 
 from alexnet_mp.data import SeededTransform
-from alexnet_mp.errors import UserError
 from alexnet_mp.imagefolder import UnreadableImage
 
 
@@ -67,37 +65,36 @@ class PaddingMarked(Dataset):
 
 
 class BadBatch(NamedTuple):
-    """A batch that had unreadable samples: the readable rest (None if there is none) and a
-    (path, reason) pair for each unreadable one.
+    """A batch that had stand-ins for unreadable images (labelled -1 in ``y``) and a
+    (path, reason) pair for each.
 
     A named tuple, so that pin_memory pins ``x`` and ``y`` and keeps the type.
     """
 
-    x: torch.Tensor | None
-    y: torch.Tensor | None
+    x: torch.Tensor
+    y: torch.Tensor
     bad: tuple[tuple[str, str], ...]
 
 
 def _is_bad(sample: Any) -> bool:
-    if not isinstance(sample, (tuple, list)) or not sample:
+    if not isinstance(sample, (tuple, list)) or len(sample) < 2:
         return False
-    return isinstance(sample[0], UnreadableImage)
+    return isinstance(sample[1], UnreadableImage)
 
 
 def collate(batch: list) -> Any:
-    """default_collate, or a :class:`BadBatch` when some samples are unreadable.
+    """default_collate, or a :class:`BadBatch` when some samples are stand-ins.
 
-    default_collate cannot stack an UnreadableImage, so the samples are only looked at when it
-    fails: a batch of readable samples costs exactly what default_collate costs.
+    default_collate cannot stack an UnreadableImage target, so the samples are only looked at
+    when it fails: a batch of readable samples costs exactly what default_collate costs.
     """
     try:
         return default_collate(batch)
     except Exception:
-        bad = tuple((s[0].path, s[0].reason) for s in batch if _is_bad(s))
+        bad = tuple((s[1].path, s[1].reason) for s in batch if _is_bad(s))
         if not bad:
             raise
-    good = [s for s in batch if not _is_bad(s)]
-    x, y = default_collate(good) if good else (None, None)
+    x, y = default_collate([(s[0], -1) if _is_bad(s) else s for s in batch])
     return BadBatch(x, y, bad)
 
 
@@ -151,13 +148,13 @@ def _worker_init(main_pid: int, worker_id: int) -> None:
 
 
 class CheckedLoader(DataLoader):
-    """A DataLoader that reports unreadable images from the main process.
+    """A DataLoader that records unreadable images in the main process.
 
-    ``bad_images="stop"``: the first batch holding one raises a one-line :class:`UserError`
-    naming the file. ``"skip"``: the file is dropped from its batch (which comes out smaller;
-    the sampler's order and every batch's membership are unchanged, so ranks reading the same
-    batch agree and a resumed run sees the same batches) and ``(path, reason)`` is appended to
-    :attr:`bad_files`, which the caller reads and clears.
+    Each arrives as a stand-in labelled -1 (the batch keeps its size, so the sampler's order,
+    every batch's membership and every share's size are unchanged), and ``(path, reason)`` is
+    appended to :attr:`bad_files`, which the training loop counts over the ranks with its
+    figures and the caller reads and clears: ``bad_images="stop"`` stops every rank naming the
+    file, ``"skip"`` names the files once an epoch.
     """
 
     def __init__(self, *args: Any, bad_images: str = "stop", **kwargs: Any) -> None:
@@ -182,19 +179,7 @@ class CheckedLoader(DataLoader):
         return _CheckedIter(self, inner)
 
     def _accept(self, batch: BadBatch) -> list[torch.Tensor]:
-        bad = [(str(path), str(reason)) for path, reason in batch.bad]
-        self.bad_files.extend(bad)
-        path, reason = bad[0]
-        others = f" ({len(bad) - 1} more unreadable in the same batch)" if len(bad) > 1 else ""
-        if self.bad_images == "stop":
-            raise UserError(f"cannot read image {path}: {reason}{others}; remove or replace the "
-                            "file, or set data.bad_images=skip to train without it")
-        if batch.x is None:
-            # An empty batch would turn into a NaN loss, and leaving it out would make the
-            # caller's step count disagree with the sampler's batches (and so with resume).
-            raise UserError(f"no image of a batch could be read ({len(bad)} files, the first "
-                            f"{path}: {reason}); data.bad_images=skip leaves out single files, "
-                            f"not whole batches: check the files under data.root")
+        self.bad_files.extend((str(path), str(reason)) for path, reason in batch.bad)
         return [batch.x, batch.y]
 
 
@@ -213,13 +198,7 @@ class _CheckedIter:
     def __next__(self) -> Any:
         batch = next(self._inner)
         if type(batch) is BadBatch:
-            try:
-                batch = self._loader._accept(batch)
-            except UserError:
-                # A traceback keeps this iterator alive; the DataLoader's iterator must go now,
-                # so that its workers are shut down rather than left to interpreter exit.
-                self._inner = iter(())
-                raise
+            batch = self._loader._accept(batch)
         return batch
 
     def __getattr__(self, name: str) -> Any:

@@ -4,6 +4,10 @@ by name so that biases can go without weight decay, as in the original code.
 Every optimizer here keeps one per-parameter ``momentum_buffer`` tensor and plain param groups
 (``lr``, ``momentum``, ``weight_decay``): the canonical checkpoint code saves and restores that
 state by parameter name, in any layout.
+
+Every optimizer here also takes a step that the device decides to skip (:func:`step_unless`):
+torch's SGD through its fused kernel's ``found_inf``, the paper's form by choosing the old
+values on the device. The host never reads whether a step was finite.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 
 from alexnet_mp.config import TrainConfig
 
@@ -49,6 +54,10 @@ class PaperSGD(torch.optim.Optimizer):
     torch's is.
     """
 
+    # Set for one step by :func:`step_unless`, as torch's fused optimizers take it from a
+    # gradient scaler: a 0-d tensor, nonzero when the step must not be applied.
+    found_inf: torch.Tensor | None = None
+
     def __init__(self, params: Iterable[Any], lr: float, momentum: float = 0.9,
                  weight_decay: float = 0.0, foreach: bool = True) -> None:
         if lr <= 0 or momentum < 0 or weight_decay < 0:
@@ -81,6 +90,9 @@ class PaperSGD(torch.optim.Optimizer):
                 bufs.append(state["momentum_buffer"])
             lr, momentum, decay = group["lr"], group["momentum"], group["weight_decay"]
             for params, grads, bufs in buckets.values():
+                if self.found_inf is not None:
+                    self._step_unless_found_inf(params, grads, bufs, lr, momentum, decay)
+                    continue
                 if group.get("foreach", True):
                     torch._foreach_mul_(bufs, momentum)
                     if decay:
@@ -96,13 +108,66 @@ class PaperSGD(torch.optim.Optimizer):
                     p.add_(v)
         return loss
 
+    def _step_unless_found_inf(self, params: list[torch.Tensor], grads: list[torch.Tensor],
+                               bufs: list[torch.Tensor], lr: float, momentum: float,
+                               decay: float) -> None:
+        """The foreach step's arithmetic into new tensors, kept only where ``found_inf`` is 0.
+
+        torch has no foreach "where", and scaling the update by 0 would keep a NaN gradient's
+        NaN; so the step is computed whole and chosen per tensor. A finite step's values are
+        those of :meth:`step`'s foreach path, bit for bit (the same kernels in the same order).
+        """
+        keep_old = self.found_inf.to(params[0].device).bool()
+        new_bufs = torch._foreach_mul(bufs, momentum)
+        if decay:
+            torch._foreach_add_(new_bufs, params, alpha=-decay * lr)
+        torch._foreach_add_(new_bufs, grads, alpha=-lr)
+        new_params = torch._foreach_add(params, new_bufs)
+        for old, new in zip((*bufs, *params), (*new_bufs, *new_params)):
+            old.copy_(torch.where(keep_old, old, new))
+
+
+def step_unless(optimizer: torch.optim.Optimizer, found_inf: torch.Tensor | None) -> None:
+    """``optimizer.step()``, not applied where the 0-d device tensor ``found_inf`` is nonzero;
+    nothing is read on the host. Momentum buffers stay as they were on a skipped step.
+
+    torch's SGD must be ``fused`` (:func:`build_optimizer` makes it so): its fused kernel is the
+    one that takes ``found_inf``, as it does from a gradient scaler.
+    """
+    if found_inf is None:
+        optimizer.step()
+        return
+    if isinstance(optimizer, torch.optim.SGD):
+        # The fused kernel's first step fills buffers made with empty_like, and a skipped first
+        # step would leave that garbage in place for every later one. A zero buffer gives the
+        # first step's value exactly (0 * momentum + grad = grad), skipped or not.
+        for group in optimizer.param_groups:
+            if group["momentum"]:
+                for p in group["params"]:
+                    state = optimizer.state[p]
+                    if state.get("momentum_buffer") is None:
+                        state["momentum_buffer"] = torch.zeros_like(
+                            p, memory_format=torch.preserve_format)
+    optimizer.found_inf = found_inf
+    try:
+        optimizer.step()
+    finally:
+        optimizer.found_inf = None
+
 
 def build_optimizer(model: nn.Module, train: TrainConfig) -> torch.optim.Optimizer:
-    """``train.momentum_form`` (torch or paper) over ``train.bias_decay``'s groups."""
+    """``train.momentum_form`` (torch or paper) over ``train.bias_decay``'s groups.
+
+    torch's SGD is the fused one wherever torch has the kernel: the form whose step takes a
+    device-side ``found_inf`` (:func:`step_unless`). Its arithmetic is torch's own, equal to the
+    foreach form's within float rounding.
+    """
     groups = param_groups(model, train.weight_decay, train.bias_decay)
     if train.momentum_form == "paper":
         return PaperSGD(groups, lr=train.lr, momentum=train.momentum)
-    return torch.optim.SGD(groups, lr=train.lr, momentum=train.momentum)
+    devices = {p.device.type for p in model.parameters()}
+    fused = devices <= set(_get_fused_kernels_supported_devices())
+    return torch.optim.SGD(groups, lr=train.lr, momentum=train.momentum, fused=fused or None)
 
 
 def set_hyperparameters(optimizer: torch.optim.Optimizer, model: nn.Module,

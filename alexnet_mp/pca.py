@@ -50,10 +50,10 @@ class _PixelMoments(Dataset):
         return len(self.indices)
 
     def __getitem__(self, i: int) -> tuple[int, torch.Tensor, torch.Tensor, str | None]:
-        img = self.base[self.indices[i]][0]
-        if isinstance(img, UnreadableImage):
+        img, target = self.base[self.indices[i]]
+        if isinstance(target, UnreadableImage):  # a stand-in: no pixels of the data set
             return 0, torch.zeros(3, dtype=torch.float64), torch.zeros(
-                3, 3, dtype=torch.float64), img.path
+                3, 3, dtype=torch.float64), target.path
         x = v2.functional.to_image(img)
         if x.shape[0] != 3:
             raise UserError(f"PCA lighting needs RGB images, but a training image has "

@@ -19,9 +19,17 @@ import torch.distributed as dist
 
 from alexnet_mp import checkpoint as ckpt
 from alexnet_mp import runfolder
+from alexnet_mp.badimages import count_everywhere, stop_error, take_everywhere
 from alexnet_mp.config import Config, dump_config, resume_changes, run_dir
 from alexnet_mp.data import BatchTransform, build_data
-from alexnet_mp.engine import NonFiniteError, Precision, TrainState, evaluate, train_one_epoch
+from alexnet_mp.engine import (
+    LoopOptions,
+    NonFiniteError,
+    Precision,
+    TrainState,
+    evaluate,
+    train_one_epoch,
+)
 from alexnet_mp.errors import PeerLostError, UserError, peer_errors
 from alexnet_mp.guard import StepGuard
 from alexnet_mp.host_memory import release_freed_memory
@@ -32,7 +40,6 @@ from alexnet_mp.models import dropout_seed, model_family
 from alexnet_mp.optim import build_optimizer, set_hyperparameters
 from alexnet_mp.parallel.build import build_model, compile_model
 from alexnet_mp.parallel.layout import Layout
-from alexnet_mp.parallel.shards import agreed
 
 Plateau = torch.optim.lr_scheduler.ReduceLROnPlateau
 
@@ -112,10 +119,10 @@ class Trainer:
                       num_workers=cfg.data.num_workers, pin_memory=pin,
                       replicas=layout.data_shards, replica=layout.data_shard,
                       bad_images=cfg.data.bad_images)
-        self.train_loader = agreed(make_loader(data.train, shuffle=True, **common), layout,
-                                   pad=False)
-        self.test_loader = agreed(make_loader(data.test, shuffle=False, mark_padding=True,
-                                              **common), layout, pad=True)
+        # An unreadable image arrives as a stand-in labelled -1 (data.bad_images), so every
+        # share keeps its size and the ranks need not agree on each batch.
+        self.train_loader = make_loader(data.train, shuffle=True, **common)
+        self.test_loader = make_loader(data.test, shuffle=False, mark_padding=True, **common)
         self.transform = BatchTransform(cfg.data.image_size, data.mean, data.std,
                                         cfg.train.channels_last).to(layout.device)
         self.test_transform = self.transform
@@ -370,24 +377,28 @@ class Trainer:
 
     def _evaluate(self, guard: StepGuard) -> dict | None:
         result = evaluate(self.model, self.test_loader, self.test_transform, self.precision,
-                          guard, targets=self.layout.loss_targets,
-                          reduce=self.layout.sum_over_replicas, ten_crop=self.cfg.train.ten_crop,
-                          crop_size=self.cfg.data.image_size)
-        self._report_bad_files(self.test_loader)
+                          guard, self.layout.step_sync(), ten_crop=self.cfg.train.ten_crop,
+                          crop_size=self.cfg.data.image_size, poll_every=self.cfg.run.log_every,
+                          mirror=self.cfg.data.hflip)
+        self._report_bad_files(self.test_loader, count_everywhere(self.test_loader,
+                                                                  self.layout.step_sync().group))
         return result
 
-    def _report_bad_files(self, loader) -> None:
-        """data.bad_images=skip: the files left out, named once an epoch and counted in the log."""
-        bad = getattr(loader, "bad_files", None)
-        if not bad:
+    def _report_bad_files(self, loader, count: int) -> None:
+        """Unreadable images: with data.bad_images=stop every rank stops naming the first;
+        with skip they are named once an epoch and counted in the log. Each was trained and
+        evaluated as a stand-in labelled -1, which no loss or figure counts."""
+        if count == 0:
             return
+        bad = take_everywhere(loader, self.layout.step_sync().group, count)
+        if self.cfg.data.bad_images == "stop":
+            raise stop_error(bad)
         split = "test" if loader is self.test_loader else "train"
         self.warn(f"skipped {len(bad)} unreadable {split} image(s) (data.bad_images=skip), "
                   f"first {bad[0][0]}: {bad[0][1]}")
         self.log.write({"kind": "bad_images", "split": split, "epoch": self.state.epoch + 1,
                         "step": self.state.global_step, "count": len(bad),
                         "files": [path for path, _ in bad]})
-        bad.clear()
 
     def _run(self, guard: StepGuard) -> dict:
         cfg, layout = self.cfg, self.layout
@@ -407,7 +418,13 @@ class Trainer:
         result: dict = {}
         start = time.perf_counter()
 
-        def after_step(state: TrainState) -> None:
+        pending_bad = 0  # unreadable training images met and not yet reported, all ranks
+
+        def on_read(state: TrainState, bad_images: int) -> None:
+            nonlocal pending_bad
+            pending_bad = bad_images
+            if bad_images and cfg.data.bad_images == "stop":
+                self._report_bad_files(self.train_loader, bad_images)
             if every and state.global_step % every == 0 and state.step < len_epoch:
                 self.save()
 
@@ -417,14 +434,15 @@ class Trainer:
             set_epoch(self.train_loader, self.state.epoch, self.state.step)
             len_epoch = self.state.step + len(self.train_loader)
             step_before = self.state.global_step
-            stats = train_one_epoch(
-                self.model, self.train_loader, self.optimizer, self.transform, self.state,
-                self.precision, max_steps=max_steps, log_every=cfg.run.log_every,
-                show_bar=layout.is_main and cfg.run.progress, on_log=self.log.write,
-                guard=guard, skip_nonfinite=cfg.train.nonfinite == "skip",
-                max_skipped=cfg.train.max_skipped, after_step=after_step,
-                targets=layout.loss_targets, reduce=layout.sum_over_replicas)
-            self._report_bad_files(self.train_loader)
+            options = LoopOptions(max_steps=max_steps, log_every=cfg.run.log_every,
+                                  flush_every=every, show_bar=layout.is_main and cfg.run.progress,
+                                  nonfinite=cfg.train.nonfinite, max_skipped=cfg.train.max_skipped)
+            stats = train_one_epoch(self.model, self.train_loader, self.optimizer,
+                                    self.transform, self.state, self.precision, options=options,
+                                    sync=layout.step_sync(), guard=guard, on_log=self.log.write,
+                                    on_read=on_read)
+            self._report_bad_files(self.train_loader, pending_bad)
+            pending_bad = 0
             if guard.stopping:
                 # A checkpoint_every save at this very step already holds this state.
                 return self._stopped(guard, saved=self.saved_step == self.state.global_step)

@@ -28,13 +28,19 @@ def layout_from_env(cfg: Config, model_name: str) -> Layout:
     """The layout for this process from torchrun's variables (absent: one process)."""
     env = os.environ
     world = int(env.get("WORLD_SIZE", 1))
-    return setup_layout(
+    layout = setup_layout(
         model_name, rank=env_rank(), world_size=world, local_rank=int(env.get("LOCAL_RANK", 0)),
         local_world_size=int(env.get("LOCAL_WORLD_SIZE", world)), device=cfg.run.device,
         threads=cfg.run.threads, timeout_s=cfg.run.timeout_s,
         save_timeout_s=cfg.run.save_timeout_s, columns=cfg.parallel.columns,
         layout=cfg.parallel.layout, keep_host_memory=cfg.run.keep_host_memory,
         attempt=int(env.get("TORCHELASTIC_RESTART_COUNT", 0)))
+    if layout.device.type == "cuda":
+        # Process-wide, so set here at the entry point rather than inside the package.
+        import torch
+
+        torch.backends.cudnn.benchmark = cfg.run.cudnn_benchmark
+    return layout
 
 
 def report(exc: UserError) -> int:

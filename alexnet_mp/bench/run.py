@@ -28,14 +28,13 @@ from alexnet_mp.bench.report import bar_chart, report_markdown
 from alexnet_mp.bench.work import Batches, Variant, Work, build_work
 from alexnet_mp.config import Config
 from alexnet_mp.data import BatchTransform, build_data
-from alexnet_mp.engine import Precision, TrainState, train_one_epoch
+from alexnet_mp.engine import LoopOptions, Precision, TrainState, train_one_epoch
 from alexnet_mp.engine import sync_device as _sync
 from alexnet_mp.errors import UserError
 from alexnet_mp.host_memory import keep_freed_memory, release_freed_memory
 from alexnet_mp.loader import make_loader, set_epoch
 from alexnet_mp.parallel.exchange import ColumnExchange
 from alexnet_mp.parallel.layout import Layout, mesh_layout
-from alexnet_mp.parallel.shards import agreed
 
 MODES = ("synthetic", "loader", "train")
 
@@ -155,8 +154,7 @@ def _tensor_memory(work: Work, batches: Batches) -> dict[str, Any] | None:
 
     def step() -> None:
         loss = work.step(x, y)
-        work.guard.check(loss, work.module)
-        work.optimizer.step()
+        work.apply(work.found_inf(loss))
 
     return tensor_peak(step, batches.device, work.module, work.optimizer, x, y)
 
@@ -186,9 +184,9 @@ def _timed_steps(work: Work, batches: Batches, steps: int, warmup: int) -> dict[
         loss = work.step(x, y)
         _sync(device)
         t1 = time.perf_counter()
-        work.guard.check(loss, work.module)
+        bad = work.found_inf(loss)
         t2 = time.perf_counter()
-        work.optimizer.step()
+        work.apply(bad)
         _sync(device)
         t3 = time.perf_counter()
         if i >= warmup:
@@ -206,48 +204,57 @@ def _train_steps(work: Work, cfg: Config, steps: int, warmup: int,
     on, device = work.layout, work.layout.device
     data = build_data(cfg.data, num_classes=cfg.model.num_classes,
                       in_channels=cfg.model.in_channels, seed=cfg.train.seed)
-    # Wrapped as the trainer wraps it: ranks that read different shares agree on each batch.
-    loader = agreed(make_loader(data.train, batch_size=work.local_batch, shuffle=True,
-                                seed=cfg.train.seed, num_workers=cfg.data.num_workers,
-                                pin_memory=device.type == "cuda", replicas=on.data_shards,
-                                replica=on.data_shard, bad_images=cfg.data.bad_images),
-                    on, pad=False)
+    loader = make_loader(data.train, batch_size=work.local_batch, shuffle=True,
+                         seed=cfg.train.seed, num_workers=cfg.data.num_workers,
+                         pin_memory=device.type == "cuda", replicas=on.data_shards,
+                         replica=on.data_shard, bad_images=cfg.data.bad_images)
     transform = BatchTransform(cfg.data.image_size, data.mean, data.std,
                                variant.memory_format(cfg) is torch.channels_last).to(device)
-
-    def reduce(t: torch.Tensor) -> torch.Tensor:
-        if on.replicas > 1:
-            dist.all_reduce(t, group=on.replica_group)
-        return t
-
     times: dict[str, list] = {"step_s": [], "exchange_s": [], "calls": []}
-    mark = {"t": 0.0, "seconds": 0.0, "calls": 0}
-
-    def after_step(state: TrainState) -> None:
-        _sync(device)
-        now = time.perf_counter()
-        if state.global_step == warmup:
-            work.meter.reset()
-        elif state.global_step > warmup:
-            times["step_s"].append(now - mark["t"])
-            times["exchange_s"].append(work.meter.seconds - mark["seconds"])
-            times["calls"].append(work.meter.calls[mark["calls"]:])
-        mark.update(t=now, seconds=work.meter.seconds, calls=len(work.meter.calls))
-
     state, total = TrainState(), warmup + steps
-    mark["t"] = time.perf_counter()
+    timed = _StepClock(loader, work, state, times, warmup, device)
     while state.global_step < total:
         set_epoch(loader, state.epoch)
         state.step = 0
         # As the main job runs it: rank 0 draws the progress bar (the only work one rank does
-        # alone in a step; the metrics line every run.log_every steps is left out).
-        train_one_epoch(work.runner, loader, work.optimizer, transform, state,
-                        Precision(cfg.train.amp, device), max_steps=total,
-                        log_every=10**9, show_bar=on.is_main and cfg.run.progress,
-                        guard=work.guard, after_step=after_step, targets=on.loss_targets,
-                        reduce=reduce)
+        # alone in a step), and the figures are read once, at the end (no log window inside).
+        options = LoopOptions(max_steps=total, log_every=10**9,
+                              show_bar=on.is_main and cfg.run.progress)
+        train_one_epoch(work.runner, timed, work.optimizer, transform, state,
+                        Precision(cfg.train.amp, device), options=options, sync=on.step_sync(),
+                        guard=work.guard)
         state.epoch += 1
     return _step_record(work, times, steps)
+
+
+class _StepClock:
+    """``loader`` for the training loop, timing each step from outside: the time between two
+    batches taken (the device synchronised first) is the step in between."""
+
+    def __init__(self, loader: Any, work: Work, state: TrainState, times: dict[str, list],
+                 warmup: int, device: torch.device) -> None:
+        self.loader, self.work, self.state, self.times = loader, work, state, times
+        self.warmup, self.device = warmup, device
+        self.mark = {"t": time.perf_counter(), "seconds": 0.0, "calls": 0}
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        for batch in self.loader:
+            self._tick()
+            yield batch
+
+    def _tick(self) -> None:
+        _sync(self.device)
+        now, meter, done = time.perf_counter(), self.work.meter, self.state.global_step
+        if done == self.warmup:
+            meter.reset()
+        elif done > self.warmup:
+            self.times["step_s"].append(now - self.mark["t"])
+            self.times["exchange_s"].append(meter.seconds - self.mark["seconds"])
+            self.times["calls"].append(meter.calls[self.mark["calls"]:])
+        self.mark.update(t=now, seconds=meter.seconds, calls=len(meter.calls))
 
 
 def _attribute(work: Work, batches: Batches, path: Path, variant: Variant,
@@ -278,9 +285,9 @@ def _attribute(work: Work, batches: Batches, path: Path, variant: Variant,
                 loss.backward()
                 _sync(device)
             with phase("guard"):
-                work.guard.check(loss, work.module)
+                bad = work.found_inf(loss)
             with phase("optimizer"):
-                work.optimizer.step()
+                work.apply(bad)
                 _sync(device)
             calls.append(work.meter.calls[before:])
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -20,10 +20,10 @@ from alexnet_mp.guard import StepGuard
 from alexnet_mp.loader import make_loader, set_epoch
 from alexnet_mp.models import arch_of
 from alexnet_mp.models.columns import Arch, ColumnLRN
+from alexnet_mp.optim import build_optimizer, step_unless
 from alexnet_mp.parallel.build import build_model
 from alexnet_mp.parallel.exchange import Meter
 from alexnet_mp.parallel.layout import Layout
-from alexnet_mp.parallel.shards import agreed
 
 
 class TrafficMeter(Meter):
@@ -126,11 +126,21 @@ class Work:
         loss.backward()
         return loss
 
+    def found_inf(self, loss: torch.Tensor) -> torch.Tensor:
+        """The guard's verdict on the step, waited for here so that the guard's time (its
+        all-reduce) is its own and not the optimizer's."""
+        bad = self.guard.found_inf(loss, self.module)
+        return bad.wait() if hasattr(bad, "wait") else bad
+
+    def apply(self, found_inf: torch.Tensor) -> None:
+        """The optimizer's step, skipped on the device where ``found_inf`` is set."""
+        step_unless(self.optimizer, found_inf)
+
 
 def make_sgd(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
-    t = cfg.train
-    return torch.optim.SGD(model.parameters(), lr=t.lr, momentum=t.momentum,
-                           weight_decay=t.weight_decay)
+    """The trainer's own optimizer (fused SGD where torch has it), so the bench's optimizer
+    line is the training loop's."""
+    return build_optimizer(model, cfg.train)
 
 
 def arch_for(cfg: Config) -> Arch:
@@ -174,7 +184,7 @@ def build_work(name: str, cfg: Config, layout: Layout, variant: Variant = Varian
 class Batches:
     """Synthetic tensors already on the device, or the real loader and on-device transform:
     this rank's share of each global batch (``layout.data_shard`` of ``layout.data_shards``),
-    agreed with the other ranks' shares as the trainer's loader is."""
+    as the trainer's loader reads it."""
 
     def __init__(self, mode: str, cfg: Config, layout: Layout, local_batch: int,
                  memory_format: torch.memory_format = torch.contiguous_format) -> None:
@@ -190,12 +200,10 @@ class Batches:
             return
         data = build_data(cfg.data, num_classes=cfg.model.num_classes, in_channels=c,
                           seed=cfg.train.seed)
-        # A share trimmed by the agreement is shorter on every rank alike, so all skip it.
-        self.loader = agreed(make_loader(data.train, batch_size=local_batch, shuffle=True,
-                                         seed=cfg.train.seed, num_workers=cfg.data.num_workers,
-                                         pin_memory=device.type == "cuda", replicas=shards,
-                                         replica=shard, bad_images=cfg.data.bad_images),
-                             layout, pad=False)
+        self.loader = make_loader(data.train, batch_size=local_batch, shuffle=True,
+                                  seed=cfg.train.seed, num_workers=cfg.data.num_workers,
+                                  pin_memory=device.type == "cuda", replicas=shards,
+                                  replica=shard, bad_images=cfg.data.bad_images)
         self.transform = BatchTransform(size, data.mean, data.std,
                                         memory_format is torch.channels_last).to(device)
         self.epoch, self.it = 0, iter(())

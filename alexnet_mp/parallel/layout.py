@@ -24,6 +24,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.rendezvous import rendezvous
 
 from alexnet_mp.errors import UserError, peer_errors
+from alexnet_mp.guard import StepSync
 from alexnet_mp.host_memory import keep_freed_memory
 from alexnet_mp.parallel.exchange import gather_labels
 
@@ -174,13 +175,18 @@ class Layout:
             return y
         return gather_labels(y, self.column_group)
 
-    def sum_over_replicas(self, t: torch.Tensor) -> torch.Tensor:
-        """Sum ``t`` (figures: loss sums, counts) in place over the replicas, which see
-        different examples; the columns of one replica see the same ones and are not summed."""
-        if self.replicas > 1:
-            with peer_errors("summing the figures over replicas"):
-                dist.all_reduce(t, group=self.replica_group)
-        return t
+    @property
+    def counts_figures(self) -> bool:
+        """Whether this rank's training figures count when they are summed over every rank:
+        the columns of one replica (and every rank of the hybrid layout) hold the same logits
+        and labels, so the first column speaks for them."""
+        return self.column is None or self.column == 0
+
+    def step_sync(self) -> StepSync:
+        """The training loop's view of this layout: whom a step agrees with, whose figures
+        count, the labels of the logits."""
+        return StepSync(group=self.step_group if self.distributed else None,
+                        counts=self.counts_figures, targets=self.loss_targets)
 
     def agree(self, error: UserError | None) -> None:
         """Every rank calls this; if any rank failed, all raise the first failing rank's error.
