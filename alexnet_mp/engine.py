@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 from torchvision.transforms import v2
 from tqdm import tqdm
 
-from alexnet_mp.errors import UserError, peer_errors
+from alexnet_mp.errors import PeerLostError, UserError, collective_failed, peer_errors
 from alexnet_mp.guard import StepGuard, StepSync
 from alexnet_mp.optim import step_unless
 from alexnet_mp.prefetch import on_device
@@ -173,7 +173,7 @@ class Window:
             mine = rows.flatten() if self.sync.counts else torch.zeros(rows.numel(),
                                                                        device=rows.device)
             with peer_errors("reading the figures of the log window"):
-                flat = funcol.all_reduce(torch.cat([mine, extra]), "sum", self.sync.group)
+                flat = funcol.all_reduce(torch.cat([mine, extra]), "sum", self.sync.group).wait()
         values = flat.tolist()  # the window's one host sync
         n = rows.shape[0]
         if self.guard is not None:
@@ -247,7 +247,14 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
         loss = F.cross_entropy(logits.float(), y, ignore_index=IGNORE,
                                reduction="sum") / seen.clamp(min=1)
         optimizer.zero_grad(set_to_none=True)
-        precision.backward(loss)
+        try:
+            precision.backward(loss)
+        except RuntimeError as exc:
+            # Only a collective's failure is a lost peer; any other error keeps its traceback.
+            if collective_failed(exc):
+                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+                raise PeerLostError(f"a collective of the backward pass failed: {first}") from exc
+            raise
         # With a gradient scaler, inf gradients are routine: the scaler skips those steps.
         bad = (guard.found_inf(loss, model, grads=precision.scaler is None)
                if guard is not None else torch.zeros((), device=device))

@@ -34,3 +34,22 @@ def peer_errors(what: str) -> Iterator[None]:
     except RuntimeError as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
         raise PeerLostError(f"{what} failed: {first}") from exc
+
+
+def collective_failed(exc: BaseException) -> bool:
+    """Whether ``exc`` came out of a collective (a dead or silent peer), for failures raised
+    where no :func:`peer_errors` can stand around the call alone: the collectives autograd runs
+    inside a backward pass (the exchanges' reduce-scatters, the replicas' all-reduce).
+
+    torch raises its distributed errors as ``DistError`` where it can; gloo's transport
+    failures reach Python as a plain RuntimeError whose text names gloo's source, and NCCL's
+    name NCCL. Anything else (an out-of-memory error, a bug in a layer's backward) is not a
+    lost peer.
+    """
+    import torch.distributed as dist
+
+    if isinstance(exc, getattr(dist, "DistError", ())):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and any(
+        mark in text for mark in ("gloo/", "NCCL", "ProcessGroup", "c10d"))

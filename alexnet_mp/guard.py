@@ -109,10 +109,10 @@ class StepGuard:
                 finite = finite & torch.isfinite(torch.stack(torch._foreach_norm(gs)).sum())
         bad = (~finite).float().reshape(1)
         if self.distributed:
-            # A functional collective: on NCCL it is ordered on the device's stream, and the
-            # optimizer that reads the result waits on the device, never on the host.
+            # A functional collective, waited for here so that a lost peer surfaces inside
+            # peer_errors: on NCCL the wait is the device stream's, never the host's.
             with peer_errors("agreeing on a finite step between ranks"):
-                bad = funcol.all_reduce(bad, "max", self.group)
+                bad = funcol.all_reduce(bad, "max", self.group).wait()
         return bad.reshape(())
 
 

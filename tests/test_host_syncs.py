@@ -226,5 +226,5 @@ def test_every_layout_has_one_host_sync_per_log_window_and_takes_the_same_steps(
     for rank, result in enumerate(results):
         for name, run in result.items():
             assert run["syncs"] == _expected_syncs(), (world, rank, name)
-    for name, run in results[0].items():
+    for run in results[0].values():
         _assert_same_steps(run, reference)
