@@ -42,6 +42,8 @@ variants (join flags with +): lrn_ref, malloc_default, channels_last, compile, p
 
 start-up of the main job (launch to first step), N ranks, R launches:
   python launch/bench.py --startup N --repeat R [overrides]
+the host's share of a step per layout (the training loop on a tiny model), N ranks:
+  torchrun --nproc_per_node=N launch/bench.py --host-overhead --repeat 3 --steps 20
 the LRN alone, fused against the reference formulation, at the config's shapes:
   python launch/bench.py --lrn --repeat R run.threads=1 [overrides]
 
@@ -83,6 +85,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--startup", type=int, metavar="RANKS",
                    help="time launch/train.py from launch to its first step on RANKS ranks, "
                         "--repeat times; run nothing else (no torchrun)")
+    p.add_argument("--host-overhead", action="store_true",
+                   help="the host's share of a step: the training loop itself (--data train) "
+                        "on a tiny model (1/32 width, 67 px, 2 images per rank), whose device "
+                        "work is next to nothing, so each layout's step time is what the host "
+                        "spends on it")
     p.add_argument("--steps", type=int, default=8, help="timed steps per layout")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     p.add_argument("--out", help="output folder (default: runs/<config>-bench)")
@@ -199,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         from alexnet_mp.bench.layouts import layouts_for
         from alexnet_mp.bench.run import MODES, run_bench
 
-        modes = [m for m in args.data.split(",") if m]
+        modes = ["train"] if args.host_overhead else [m for m in args.data.split(",") if m]
         bad = [m for m in modes if m not in MODES]
         if bad or not modes or args.steps < 1 or args.warmup < 0 or args.repeat < 1:
             raise UserError(f"--data takes {', '.join(MODES)}; --steps >= 1, --warmup >= 0, "
@@ -208,8 +215,13 @@ def main(argv: list[str] | None = None) -> int:
         # The process's own layout: its default group, device and threads. The bench builds
         # each layout's mesh itself.
         layout = open_layout("alexnet_columns")
+        if args.host_overhead:
+            cfg.model.width, cfg.data.image_size = 1 / 32, 67
+            cfg.train.batch_size = 2 * layout.world_size
         layouts = (layouts_for(layout.world_size) if args.layouts == "auto"
                    else [n for n in args.layouts.split(",") if n])
+        if args.host_overhead:  # d2l's widths are fixed: it is never a tiny model
+            layouts = [n for n in layouts if n != "d2l"]
         out = Path(args.out) if args.out else Path("runs") / f"{cfg.name}-bench"
         say = print if layout.is_main else (lambda *a, **k: None)
         run_bench(cfg, layout, out, layouts, modes, args.steps, args.warmup,
