@@ -223,19 +223,26 @@ def _train_steps(work: Work, cfg: Config, steps: int, warmup: int,
         train_one_epoch(work.runner, timed, work.optimizer, transform, state,
                         Precision(cfg.train.amp, device), options=options, sync=on.step_sync(),
                         guard=work.guard)
+        timed.finish()
         state.epoch += 1
     return _step_record(work, times, steps)
 
 
 class _StepClock:
     """``loader`` for the training loop, timing each step from outside: the time between two
-    batches taken (the device synchronised first) is the step in between."""
+    batches taken (the device synchronised first) is the step in between; an epoch's last step
+    ends when the loop returns (:meth:`finish`)."""
 
     def __init__(self, loader: Any, work: Work, state: TrainState, times: dict[str, list],
                  warmup: int, device: torch.device) -> None:
         self.loader, self.work, self.state, self.times = loader, work, state, times
         self.warmup, self.device = warmup, device
         self.mark = {"t": time.perf_counter(), "seconds": 0.0, "calls": 0}
+        self.between_epochs = False  # the next batch starts a step, it ends none
+
+    def finish(self) -> None:
+        self._tick()
+        self.between_epochs = True
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -248,7 +255,9 @@ class _StepClock:
     def _tick(self) -> None:
         _sync(self.device)
         now, meter, done = time.perf_counter(), self.work.meter, self.state.global_step
-        if done == self.warmup:
+        if self.between_epochs:
+            self.between_epochs = False
+        elif done == self.warmup:
             meter.reset()
         elif done > self.warmup:
             self.times["step_s"].append(now - self.mark["t"])
