@@ -14,6 +14,7 @@ import itertools
 import os
 import signal
 import threading
+import weakref
 from collections.abc import Iterator
 from typing import Any, NamedTuple
 
@@ -147,6 +148,27 @@ def _worker_init(main_pid: int, worker_id: int) -> None:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, unblock)
 
 
+# The feeder threads of the index queues of every worker-backed iterator started here, with the
+# iterator. Python before 3.12 can deadlock a forked child when another thread is being torn down
+# at the moment of the fork (the interpreter's thread-list lock, inherited held; CPython issue
+# 112275), and a finished iterator's feeder threads end on their own, unjoined, just when the next
+# epoch forks its workers: a worker then hangs forever in its first instant, and the ranks with
+# it. So the threads of finished iterators are joined before new workers are forked.
+_FEEDERS: list[tuple[weakref.ref, list[threading.Thread]]] = []
+
+
+def _join_finished_feeders(timeout: float = 60.0) -> None:
+    keep = []
+    for ref, threads in _FEEDERS:
+        inner = ref()
+        if inner is not None and not getattr(inner, "_shutdown", False):
+            keep.append((ref, threads))  # still in use: its feeders run on
+            continue
+        for thread in threads:
+            thread.join(timeout)
+    _FEEDERS[:] = keep
+
+
 class CheckedLoader(DataLoader):
     """A DataLoader that records unreadable images in the main process.
 
@@ -165,17 +187,23 @@ class CheckedLoader(DataLoader):
         self.bad_files: list[tuple[str, str]] = []
 
     def __iter__(self) -> _CheckedIter:
-        if self.num_workers == 0 or not _CAN_MASK:
+        if self.num_workers == 0:
             return _CheckedIter(self, super().__iter__())
-        # Workers are started here (every epoch) and inherit this thread's signal mask: a stop
-        # signal sent to the group while one is still starting would otherwise find torch's
-        # SIGTERM handler, or no handler at all, in place. This process gets its own copy of
-        # the signal when the mask is restored, a moment later.
-        old = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
-        try:
+        _join_finished_feeders()
+        if not _CAN_MASK:
             inner = super().__iter__()
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        else:
+            # Workers are started here (every epoch) and inherit this thread's signal mask: a
+            # stop signal sent to the group while one is still starting would otherwise find
+            # torch's SIGTERM handler, or no handler at all, in place. This process gets its own
+            # copy of the signal when the mask is restored, a moment later.
+            old = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+            try:
+                inner = super().__iter__()
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        _FEEDERS.append((weakref.ref(inner), [q._thread for q in getattr(
+            inner, "_index_queues", ()) if getattr(q, "_thread", None) is not None]))
         return _CheckedIter(self, inner)
 
     def _accept(self, batch: BadBatch) -> list[torch.Tensor]:

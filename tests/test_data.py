@@ -106,3 +106,20 @@ def test_fake_and_imagefolder_sets(tmp_path):
     x, y = folder.train[1]
     assert x.shape == (3, 67, 67) and x.dtype == torch.float32 and y == 1
     assert folder.test[0][0].shape == (3, 67, 67)
+
+
+def test_a_finished_iterators_feeder_threads_are_gone_before_new_workers_fork():
+    """Python before 3.12 can hang a forked child whose parent was tearing a thread down at the
+    moment of the fork; the loader joins the finished epoch's queue feeders first."""
+    import threading
+
+    from torch.utils.data import TensorDataset
+
+    data = TensorDataset(torch.arange(40.0).view(40, 1), torch.arange(40))
+    loader = make_loader(data, batch_size=4, shuffle=False, seed=0, num_workers=2,
+                         pin_memory=False)
+    list(loader)
+    finished = [t for t in threading.enumerate() if t.name == "QueueFeederThread"]
+    second = iter(loader)  # joins the first epoch's feeders before it forks
+    assert not any(t.is_alive() for t in finished)
+    assert sum(1 for _ in second) == 10
