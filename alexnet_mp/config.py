@@ -111,6 +111,8 @@ class RunConfig:
     # the peer lost. Waits for rank 0's checkpoint writes use save_timeout_s instead.
     timeout_s: float = 600.0
     save_timeout_s: float = 1800.0
+    # How long a rank waits at start for every rank to join before it says how many came.
+    startup_timeout_s: float = 300.0
     progress: bool = True
     # TensorBoard event files beside metrics.jsonl, with the same scalars (pip install -e
     # '.[tensorboard]').
@@ -155,8 +157,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
 POSITIVE = (
     "model.num_classes", "model.in_channels", "model.width", "data.image_size", "data.fake_size",
     "train.epochs", "train.batch_size", "train.lr", "train.step_size", "run.log_every",
-    "run.timeout_s", "run.save_timeout_s", "train.max_steps", "train.max_skipped", "run.threads",
-    "data.train_limit", "data.test_limit",
+    "run.timeout_s", "run.save_timeout_s", "run.startup_timeout_s", "train.max_steps",
+    "train.max_skipped", "run.threads", "data.train_limit", "data.test_limit",
 )
 NON_NEGATIVE = ("train.momentum", "train.weight_decay", "data.num_workers", "run.checkpoint_every",
                 "train.patience")

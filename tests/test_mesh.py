@@ -9,7 +9,6 @@ different order are all that differ: about 1e-7 per step).
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import pytest
 import torch
@@ -139,9 +138,9 @@ def _four_ranks(rank: int, world: int) -> dict:
 def _two_ranks(rank: int, world: int, port: int) -> dict:
     # Start again through setup_layout itself: rendezvous, default-group timeout and all.
     dist.destroy_process_group()
-    os.environ["MASTER_PORT"] = str(port)
     layout = setup_layout("alexnet_d2l", rank=rank, world_size=world, local_world_size=world,
-                          device="cpu", threads=1, timeout_s=9, save_timeout_s=99, attempt=1)
+                          device="cpu", threads=1, timeout_s=9, save_timeout_s=99, attempt=1,
+                          master_addr="127.0.0.1", master_port=port, startup_timeout_s=60)
     out = {"facts": _facts(layout), "world_timeout": _timeout(dist.group.WORLD),
            "d2l": _trained_errors(layout, D2L)}
     try:
