@@ -125,3 +125,21 @@ def test_a_rank_without_rank_0_says_nobody_answered(idx_root, tmp_path):
     line = _one_line(err)
     assert "rank 1: no rendezvous answered at MASTER_ADDR=127.0.0.1" in line, line
     assert "within run.startup_timeout_s=5 s" in line and "start rank 0" in line
+
+
+def test_a_port_in_use_is_named():
+    import socket
+
+    from alexnet_mp.parallel.startup import join
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        launch = LaunchEnv(rank=0, world_size=2, local_rank=0, local_world_size=2,
+                           master_addr="127.0.0.1", master_port=port)
+        with pytest.raises(LaunchEnvError) as info:
+            join(launch, startup_timeout_s=5)
+    message = str(info.value)
+    assert "\n" not in message and "rank 0 could not open the rendezvous" in message
+    assert f"MASTER_PORT={port}" in message and "choose a free MASTER_PORT" in message

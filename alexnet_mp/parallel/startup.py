@@ -206,6 +206,8 @@ def start_default_group(launch: LaunchEnv, device: torch.device, *, startup_time
                         timeout_s: float) -> None:
     """Join the other ranks (bounded by ``startup_timeout_s``), then start the default process
     group on the store with ``timeout_s``."""
+    if launch.master_addr is None or launch.master_port is None:
+        raise ValueError("several ranks need master_addr and master_port (launch_env reads them)")
     store = join(launch, startup_timeout_s=startup_timeout_s)
     store.set_timeout(datetime.timedelta(seconds=timeout_s))
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=store,
