@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 from conftest import ROOT, small_overrides
@@ -143,3 +144,19 @@ def test_a_port_in_use_is_named():
     message = str(info.value)
     assert "\n" not in message and "rank 0 could not open the rendezvous" in message
     assert f"MASTER_PORT={port}" in message and "choose a free MASTER_PORT" in message
+
+
+def test_ranks_started_in_any_order_join_and_train(idx_root, tmp_path):
+    """Rank 1 first (it waits for rank 0's rendezvous to open), then rank 0: both train."""
+    port = str(free_port())
+    args = small_overrides(idx_root, tmp_path / "run", **{"train.max_steps": 1,
+                                                          "run.startup_timeout_s": 120})
+    env = {"WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": port}
+    late = _train({**env, "RANK": "1", "LOCAL_RANK": "1"}, args)
+    time.sleep(2)  # whichever comes first, both must join
+    first = _train({**env, "RANK": "0", "LOCAL_RANK": "0"}, args)
+    outs = [p.communicate(timeout=240) for p in (first, late)]
+    assert [first.returncode, late.returncode] == [0, 0], [err[-2000:] for _, err in outs]
+    assert "data parallel, 2 replicas" in outs[0][0]
+    assert outs[1][1].strip() == ""  # rank 1's wait printed nothing
