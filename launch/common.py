@@ -44,8 +44,9 @@ def layout_from_env(cfg: Config, model_name: str) -> Layout:
 
 
 def report(exc: UserError) -> int:
-    """One line on stderr (rank 0, the rank whose group broke, or any rank for an error found
-    before the ranks could agree); returns the exit code."""
+    """One line on stderr (rank 0, the rank whose group broke, or the rank that alone knows of
+    its error: a bad launch variable, a rendezvous not all came to, a device out of memory);
+    returns the exit code."""
     broken = getattr(exc, "broken_group", False)
     if env_rank() == 0 or broken or getattr(exc, "every_rank", False):
         print(f"error: {exc}", file=sys.stderr, flush=True)
