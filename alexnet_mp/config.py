@@ -113,6 +113,8 @@ class RunConfig:
     # the peer lost. Waits for rank 0's checkpoint writes use save_timeout_s instead.
     timeout_s: float = 600.0
     save_timeout_s: float = 1800.0
+    # How long a rank waits at start for every rank to join before it says how many came.
+    startup_timeout_s: float = 300.0
     progress: bool = True
     # CUDA: let cuDNN time its algorithms for each new shape and keep the fastest (the input
     # size is fixed, so it times once). Off: cuDNN's heuristics, for runs that must repeat
@@ -161,8 +163,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
 POSITIVE = (
     "model.num_classes", "model.in_channels", "model.width", "data.image_size", "data.fake_size",
     "train.epochs", "train.batch_size", "train.lr", "train.step_size", "run.log_every",
-    "run.timeout_s", "run.save_timeout_s", "train.max_steps", "train.max_skipped", "run.threads",
-    "data.train_limit", "data.test_limit",
+    "run.timeout_s", "run.save_timeout_s", "run.startup_timeout_s", "train.max_steps",
+    "train.max_skipped", "run.threads", "data.train_limit", "data.test_limit",
 )
 NON_NEGATIVE = ("train.momentum", "train.weight_decay", "data.num_workers", "run.checkpoint_every",
                 "train.patience")

@@ -35,6 +35,7 @@ from alexnet_mp.guard import StepGuard
 from alexnet_mp.host_memory import release_freed_memory
 from alexnet_mp.inference import scaled_size, whole_scaled_images
 from alexnet_mp.loader import make_loader, set_epoch
+from alexnet_mp.memory_estimate import check_fits, out_of_memory
 from alexnet_mp.metrics import MetricsLog, append_json, plot_curves
 from alexnet_mp.models import dropout_seed, model_family
 from alexnet_mp.optim import build_optimizer, set_hyperparameters
@@ -105,6 +106,7 @@ class Trainer:
 
     def _build(self) -> None:
         cfg, layout = self.cfg, self.layout
+        check_fits(cfg, layout)  # before anything is allocated or written
         if layout.is_main:
             self.lock = runfolder.prepare(self.out, self.ckdir)
         self.log = MetricsLog(self.out / "metrics.jsonl", enabled=layout.is_main,
@@ -339,7 +341,13 @@ class Trainer:
             if exc.loss_at_step is None:
                 raise
             raise NonFiniteError(f"{exc}{self._set_aside_poisoned(exc.loss_at_step)}") from None
+        except torch.OutOfMemoryError:
+            raise out_of_memory(self.cfg, self.layout, self.state.global_step + 1,
+                                self.state.epoch + 1) from None
         except PeerLostError as exc:
+            if isinstance(exc.__cause__, torch.OutOfMemoryError):  # inside a collective's wrap
+                raise out_of_memory(self.cfg, self.layout, self.state.global_step + 1,
+                                    self.state.epoch + 1) from None
             raise PeerLostError(
                 f"rank {self.layout.rank}: the other rank stopped answering at step "
                 f"{self.state.global_step + 1} (epoch {self.state.epoch + 1}) ({exc}); the "

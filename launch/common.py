@@ -11,6 +11,7 @@ from pathlib import Path
 from alexnet_mp.config import Config, load_config
 from alexnet_mp.errors import UserError
 from alexnet_mp.parallel.layout import Layout, setup_layout
+from alexnet_mp.parallel.startup import launch_env
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
 
@@ -21,20 +22,25 @@ def config_from_args(args: argparse.Namespace) -> Config:
 
 
 def env_rank() -> int:
-    return int(os.environ.get("RANK", 0))
+    """``RANK`` (0 when absent or not a number: its own check reports it)."""
+    try:
+        return int(os.environ.get("RANK", 0))
+    except ValueError:
+        return 0
 
 
 def layout_from_env(cfg: Config, model_name: str) -> Layout:
-    """The layout for this process from torchrun's variables (absent: one process)."""
-    env = os.environ
-    world = int(env.get("WORLD_SIZE", 1))
+    """The layout for this process from torchrun's variables (absent: one process), or srun's
+    set by hand; a bad one is one line naming it."""
+    env = launch_env(os.environ)
     layout = setup_layout(
-        model_name, rank=env_rank(), world_size=world, local_rank=int(env.get("LOCAL_RANK", 0)),
-        local_world_size=int(env.get("LOCAL_WORLD_SIZE", world)), device=cfg.run.device,
+        model_name, rank=env.rank, world_size=env.world_size, local_rank=env.local_rank,
+        local_world_size=env.local_world_size, device=cfg.run.device,
         threads=cfg.run.threads, timeout_s=cfg.run.timeout_s,
         save_timeout_s=cfg.run.save_timeout_s, columns=cfg.parallel.columns,
         layout=cfg.parallel.layout, keep_host_memory=cfg.run.keep_host_memory,
-        attempt=int(env.get("TORCHELASTIC_RESTART_COUNT", 0)))
+        attempt=env.attempt, master_addr=env.master_addr, master_port=env.master_port,
+        agent_store=env.agent_store, startup_timeout_s=cfg.run.startup_timeout_s)
     if layout.device.type == "cuda":
         # Process-wide, so set here at the entry point rather than inside the package.
         import torch
@@ -44,9 +50,11 @@ def layout_from_env(cfg: Config, model_name: str) -> Layout:
 
 
 def report(exc: UserError) -> int:
-    """One line on stderr (rank 0, or the rank whose group broke); returns the exit code."""
+    """One line on stderr (rank 0, the rank whose group broke, or the rank that alone knows of
+    its error: a bad launch variable, a rendezvous not all came to, a device out of memory);
+    returns the exit code."""
     broken = getattr(exc, "broken_group", False)
-    if env_rank() == 0 or broken:
+    if env_rank() == 0 or broken or getattr(exc, "every_rank", False):
         print(f"error: {exc}", file=sys.stderr, flush=True)
     if broken:
         # Tearing down a group whose peer is gone can abort the process; leave at once.

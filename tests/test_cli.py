@@ -132,6 +132,10 @@ def test_world_sizes_the_layout_cannot_use(trained, monkeypatch, capsys, world, 
     tmp, root, _ = trained
     monkeypatch.setenv("WORLD_SIZE", world)
     monkeypatch.setenv("RANK", "0")
+    # The whole launch, as srun would set it; the layout is refused before any rendezvous.
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
     args = small_overrides(root, tmp / "run", **extra)
     assert launch.main(args) == 2
     assert words in one_error_line(capsys.readouterr().err)

@@ -49,6 +49,7 @@ def test_every_shipped_config_loads(path):
     ("train.lr", ["section.key=value"]),
     ("model.dropout=1.5", ["model.dropout"]),
     ("run.keep_checkpoints=1", ["run.keep_checkpoints", "at least 2"]),
+    ("run.startup_timeout_s=0", ["run.startup_timeout_s", "positive"]),
 ])
 def test_bad_overrides_name_the_key_and_the_fix(override, words):
     with pytest.raises(UserError) as err:

@@ -9,7 +9,6 @@ different order are all that differ: about 1e-7 per step).
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import pytest
 import torch
@@ -20,6 +19,7 @@ from ranks import free_port, run_ranks
 from alexnet_mp import models
 from alexnet_mp.config import ModelConfig
 from alexnet_mp.errors import UserError
+from alexnet_mp.loader import make_loader, set_epoch
 from alexnet_mp.models.columns import Arch
 from alexnet_mp.parallel.build import build_model
 from alexnet_mp.parallel.hybrid import HybridAlexNet
@@ -54,14 +54,20 @@ def _sgd(model: torch.nn.Module) -> torch.optim.Optimizer:
 def _trained_errors(layout: Layout, cfg: ModelConfig) -> dict[str, float]:
     """STEPS SGD steps on this rank's share of each global batch, as a training loop takes them
     (``layout.local_batch``, ``layout.data_shard``, ``layout.loss_targets``), against the grouped
-    form (or d2l's net) taking them on the whole batch on one device."""
+    form (or d2l's net) taking them on the whole batch on one device.
+
+    A share is every ``data_shards``-th example from ``data_shard`` on, as the distributed
+    sampler cuts it (``test_a_share_is_every_nth_example_of_the_global_batch``), so that with
+    dropout on each example meets the mask row it meets on one device."""
     model = build_model(cfg, 67, layout, SEED)
     reference_cfg = cfg if cfg.name == "alexnet_d2l" else dataclasses.replace(
         cfg, name="alexnet_grouped")
     reference = models.build_model(reference_cfg, 67, CPU, SEED)
     opt, ref_opt = _sgd(model), _sgd(reference)
-    share = layout.local_batch(BATCH)
-    mine = slice(layout.data_shard * share, (layout.data_shard + 1) * share)
+    layout.local_batch(BATCH)  # checks that the batch divides
+    mine = slice(layout.data_shard, None, layout.data_shards)
+    # The hybrid model's logits are every share's, stacked in rank order.
+    order = torch.arange(BATCH).view(-1, layout.data_shards).t().reshape(-1)
     errors: dict[str, float] = {}
     for step in range(STEPS):
         x, y = _batch(step)
@@ -74,7 +80,7 @@ def _trained_errors(layout: Layout, cfg: ModelConfig) -> dict[str, float]:
         F.cross_entropy(ref_logits, y).backward()
         ref_opt.step()
         errors[f"logits step {step}"] = _rel(logits.detach(), ref_logits.detach()[
-            slice(None) if layout.layout == "hybrid" else mine])
+            order if layout.layout == "hybrid" else mine])
     rows = model.slices() if hasattr(model, "slices") else {}
     ref = dict(reference.named_parameters())
     for name, p in model.named_parameters():
@@ -125,15 +131,16 @@ def _four_ranks(rank: int, world: int) -> dict:
                          timeout_s=7)
     out["hybrid_facts"] = _facts(hybrid)
     out["hybrid"] = _trained_errors(hybrid, OVERLAP)
+    out["hybrid_dropout"] = _trained_errors(hybrid, dataclasses.replace(OVERLAP, dropout=0.5))
     return out
 
 
 def _two_ranks(rank: int, world: int, port: int) -> dict:
     # Start again through setup_layout itself: rendezvous, default-group timeout and all.
     dist.destroy_process_group()
-    os.environ["MASTER_PORT"] = str(port)
     layout = setup_layout("alexnet_d2l", rank=rank, world_size=world, local_world_size=world,
-                          device="cpu", threads=1, timeout_s=9, save_timeout_s=99, attempt=1)
+                          device="cpu", threads=1, timeout_s=9, save_timeout_s=99, attempt=1,
+                          master_addr="127.0.0.1", master_port=port, startup_timeout_s=60)
     out = {"facts": _facts(layout), "world_timeout": _timeout(dist.group.WORLD),
            "d2l": _trained_errors(layout, D2L)}
     try:
@@ -144,6 +151,8 @@ def _two_ranks(rank: int, world: int, port: int) -> dict:
                          timeout_s=9)
     out["hybrid_facts"] = _facts(hybrid)
     out["hybrid"] = _trained_errors(hybrid, dataclasses.replace(CFG, overlap=False))
+    out["hybrid_dropout"] = _trained_errors(hybrid, dataclasses.replace(CFG, overlap=False,
+                                                                        dropout=0.5))
     return out
 
 
@@ -269,3 +278,28 @@ def test_d2l_data_parallel_takes_the_one_device_steps(two):
 def test_hybrid_over_two_ranks_takes_the_one_device_steps(two):
     for rank, r in enumerate(two):
         _assert_close(r["hybrid"], f"rank {rank}")
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_hybrid_with_dropout_takes_the_one_device_steps(world, request):
+    """The masks are drawn for the global batch as the grouped form draws them and reordered to
+    the gathered shares, so dropout changes nothing about the equality."""
+    for rank, r in enumerate(request.getfixturevalue({2: "two", 4: "four"}[world])):
+        _assert_close(r["hybrid_dropout"], f"rank {rank} of {world}")
+
+
+@pytest.mark.parametrize("shares", [2, 4])
+def test_a_share_is_every_nth_example_of_the_global_batch(shares):
+    """The order the hybrid layout's dropout assumes: the loader of share r of n gives, from each
+    global batch of the one-device loader, the examples r, r + n, r + 2n, ..."""
+    dataset = torch.utils.data.TensorDataset(torch.arange(40), torch.zeros(40, dtype=torch.long))
+    loaders = [make_loader(dataset, batch_size=BATCH // (shares if r is not None else 1),
+                           shuffle=True, seed=SEED, num_workers=0, pin_memory=False,
+                           replicas=shares if r is not None else 1, replica=r or 0)
+               for r in (None, *range(shares))]
+    for loader in loaders:
+        set_epoch(loader, 1)
+    whole, *parts = ([x for x, _ in loader] for loader in loaders)
+    for step, batch in enumerate(whole):
+        for r in range(shares):
+            assert torch.equal(parts[r][step], batch[r::shares]), (step, r)

@@ -3,7 +3,8 @@
 moving between 4, 2 and 1 ranks, and evaluation that counts every example once.
 
 The reference is always one device running the grouped form on the same global batch, with
-dropout 0 so that no random draw differs between layouts.
+dropout 0 so that no random draw differs between layouts; the hybrid layout, which draws its
+masks as the grouped form does, is also compared with dropout on.
 """
 
 from __future__ import annotations
@@ -82,6 +83,24 @@ def test_hybrid_trains_through_the_loop_and_equals_one_device(reference, ranks):
     run = tmp / f"hybrid-{ranks}"
     train(small_overrides(root, run, **COLUMNS, **{"train.max_steps": 6,
                                                    "parallel.layout": "hybrid"}), ranks)
+    assert_close(final(run), expected)
+
+
+@pytest.fixture(scope="module")
+def dropout_reference(reference):
+    """The same 6 steps on one device with the paper's dropout."""
+    root, tmp, _ = reference
+    run = tmp / "one-dropout"
+    train(small_overrides(root, run, **{**COLUMNS, "model.dropout": 0.5, "train.max_steps": 6}))
+    return root, tmp, final(run)
+
+
+@pytest.mark.parametrize("ranks", [2, 4])
+def test_hybrid_with_dropout_equals_one_device(dropout_reference, ranks):
+    root, tmp, expected = dropout_reference
+    run = tmp / f"hybrid-dropout-{ranks}"
+    train(small_overrides(root, run, **{**COLUMNS, "model.dropout": 0.5, "train.max_steps": 6,
+                                        "parallel.layout": "hybrid"}), ranks)
     assert_close(final(run), expected)
 
 

@@ -82,6 +82,22 @@ def materialize(make: Callable[[torch.Generator], nn.Module], cfg: ModelConfig, 
     return model
 
 
+def meta_model(cfg: ModelConfig, image_size: int, column: int | None = None,
+               exchange: Exchange | None = None) -> nn.Module:
+    """The model's shapes without its numbers: built on the meta device, uninitialised, so a
+    size whose parameters would not fit in memory can still be described or estimated."""
+    if cfg.name == "alexnet_d2l":
+        try:
+            with torch.device("meta"):
+                return d2l_alexnet(cfg.num_classes, cfg.in_channels, image_size, cfg.dropout)
+        except RuntimeError:
+            raise UserError(f"data.image_size={image_size} is too small for alexnet_d2l; use at "
+                            f"least {_d2l_min_size()} (224 as in d2l)") from None
+    require_image_size(cfg, image_size)
+    with torch.device("meta"):
+        return ColumnAlexNet(arch_of(cfg, image_size), column, exchange, torch.Generator())
+
+
 def build_model(cfg: ModelConfig, image_size: int, place: Any, seed: int, *,
                 exchange: Exchange | None = None, replica: int = 0) -> nn.Module:
     """The model on ``place`` (a device, or anything with ``.device``), initialised from ``seed``

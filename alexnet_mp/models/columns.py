@@ -200,17 +200,30 @@ class ColumnDropout(nn.Module):
 
     Each column keeps its own slice of the same mask, so the split and the grouped form drop the
     same neurons and take the same steps.
+
+    ``shares`` > 1: the rows of ``x`` are ``shares`` equal shares of the global batch stacked in
+    share order, where share ``r`` holds the global batch's examples ``r, r + shares, ...`` (the
+    distributed sampler's stride). The mask is drawn for the global batch in its own order, as
+    the grouped form draws it, and its rows are put in the shares' order, so every example keeps
+    the mask row it has on one device.
     """
 
-    def __init__(self, p: float, full: int, own: slice, generator: torch.Generator) -> None:
+    def __init__(self, p: float, full: int, own: slice, generator: torch.Generator,
+                 shares: int = 1) -> None:
         super().__init__()
         self.p, self.full, self.own, self.generator = p, full, own, generator
+        self.shares = shares
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0:
             return x
-        keep = torch.rand((x.shape[0], self.full), generator=self.generator,
+        n = x.shape[0]
+        keep = torch.rand((n, self.full), generator=self.generator,
                           device=self.generator.device)
+        if self.shares > 1:
+            # Global row r + shares * j is share r's row j.
+            keep = keep.view(n // self.shares, self.shares, self.full).transpose(0, 1)
+            keep = keep.reshape(n, self.full)
         mask = (keep[:, self.own] >= self.p).to(device=x.device, dtype=x.dtype)
         return x * mask / (1 - self.p)
 

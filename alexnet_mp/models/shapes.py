@@ -6,12 +6,12 @@ import torch
 from torch import nn
 
 from alexnet_mp.config import ModelConfig
-from alexnet_mp.models import build_model
+from alexnet_mp.models import meta_model
 
 
 def layer_shapes(cfg: ModelConfig, image_size: int) -> list[tuple[str, tuple[int, ...]]]:
     """(layer, output shape) in call order; the columns model is shown in its grouped form."""
-    model = build_model(cfg, image_size, torch.device("cpu"), seed=0).eval()
+    model = meta_model(cfg, image_size).eval()  # shapes only: any size, nothing allocated
     rows: list[tuple[str, tuple[int, ...]]] = []
     hooks = []
     leaves = list(model.named_children())
@@ -20,7 +20,7 @@ def layer_shapes(cfg: ModelConfig, image_size: int) -> list[tuple[str, tuple[int
         hooks.append(module.register_forward_hook(
             lambda m, i, o, label=label: rows.append((label, tuple(o.shape)))))
     with torch.no_grad():
-        model(torch.zeros(1, cfg.in_channels, image_size, image_size))
+        model(torch.zeros(1, cfg.in_channels, image_size, image_size, device="meta"))
     for h in hooks:
         h.remove()
     return rows

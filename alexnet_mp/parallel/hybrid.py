@@ -87,8 +87,12 @@ class HybridAlexNet(nn.Module):
         self.fc8 = nn.Linear(COLUMNS * f, own["fc8"])
         # Masks over the whole batch and all 4096 neurons, drawn alike on every rank, each rank
         # keeping its rows: the same neurons drop as in the grouped form on the global batch.
-        self.drop6 = ColumnDropout(arch.dropout, COLUMNS * f, self._rows["fc6"], generator)
-        self.drop7 = ColumnDropout(arch.dropout, COLUMNS * f, self._rows["fc7"], generator)
+        # The gathered batch stacks the ranks' strided shares, so the mask's rows are reordered
+        # to match (``shares``).
+        self.drop6 = ColumnDropout(arch.dropout, COLUMNS * f, self._rows["fc6"], generator,
+                                   shares=world)
+        self.drop7 = ColumnDropout(arch.dropout, COLUMNS * f, self._rows["fc7"], generator,
+                                   shares=world)
 
     def slices(self) -> dict[str, slice]:
         """Whole trunk tensors, this rank's rows of the FC layers."""

@@ -21,12 +21,12 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.rendezvous import rendezvous
 
 from alexnet_mp.errors import UserError, peer_errors
 from alexnet_mp.guard import StepSync
 from alexnet_mp.host_memory import keep_freed_memory
 from alexnet_mp.parallel.exchange import gather_labels
+from alexnet_mp.parallel.startup import LaunchEnv, start_default_group
 
 SPLITTABLE = ("alexnet_columns",)
 LAYOUTS = ("columns", "hybrid")
@@ -231,13 +231,18 @@ def setup_layout(model_name: str, *, rank: int = 0, world_size: int = 1, local_r
                  local_world_size: int = 1, device: str = "auto", threads: int | None = None,
                  timeout_s: float = 600.0, save_timeout_s: float = 1800.0, attempt: int = 0,
                  columns: int | None = None, layout: str = "columns",
-                 keep_host_memory: bool = True) -> Layout:
+                 keep_host_memory: bool = True, master_addr: str | None = None,
+                 master_port: int | None = None, agent_store: bool = False,
+                 startup_timeout_s: float = 300.0) -> Layout:
     """Check the settings against the world size, pick the device, start the process groups.
 
     ``attempt`` is torchrun's restart count: each attempt's group keys live under their own
     prefix in the rendezvous store, which outlives a restart, so that a restarted rank never
     reads the address of the worker it replaces. ``keep_host_memory``: a CPU rank keeps the
     memory its steps free (:func:`alexnet_mp.host_memory.keep_freed_memory`).
+    ``master_addr``/``master_port``: rank 0's rendezvous (``agent_store``: torchrun's agent
+    hosts it); waiting there for every rank is bounded by ``startup_timeout_s``
+    (:func:`alexnet_mp.parallel.startup.join`).
     """
     dev = pick_device(device, local_rank)
     dims = parallel_dims(model_name, world_size, columns=columns, layout=layout, device=dev,
@@ -251,13 +256,10 @@ def setup_layout(model_name: str, *, rank: int = 0, world_size: int = 1, local_r
             keep_freed_memory()
     if world_size == 1:
         return Layout(device=dev, layout=dims.layout)
-    backend = "nccl" if dev.type == "cuda" else "gloo"
-    save_timeout = datetime.timedelta(seconds=save_timeout_s)
-    store, _, _ = next(rendezvous("env://", rank=rank, world_size=world_size,
-                                  timeout=save_timeout))
-    dist.init_process_group(backend, store=dist.PrefixStore(f"alexnet_mp/{attempt}", store),
-                            rank=rank, world_size=world_size, timeout=save_timeout,
-                            device_id=dev if dev.type == "cuda" else None)
+    launch = LaunchEnv(rank, world_size, local_rank, local_world_size, attempt, master_addr,
+                       master_port, agent_store)
+    start_default_group(launch, dev, startup_timeout_s=startup_timeout_s,
+                        timeout_s=save_timeout_s)
     return mesh_layout(dims, device=dev, timeout_s=timeout_s, local_rank=local_rank,
                        local_world_size=local_world_size)
 
