@@ -195,9 +195,11 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
 
 def ten_crop_log_probs(model: nn.Module, x: torch.Tensor, crop_size: int,
                        autocast: Callable[[], contextlib.AbstractContextManager]
-                       = contextlib.nullcontext) -> torch.Tensor:
+                       = contextlib.nullcontext, mirror: bool = True) -> torch.Tensor:
     """Log of the softmax averaged over ten views of each image in ``x``: the four corner crops
-    and the centre crop of side ``crop_size``, and their horizontal flips (paper §4.1).
+    and the centre crop of side ``crop_size``, and their horizontal flips (paper §4.1). Without
+    ``mirror`` (a model trained with data.hflip=false never saw a mirrored image) the five
+    crops alone.
 
     One forward pass per view, so memory stays that of a single view; the average is taken in
     log space (logsumexp), so a class whose probability underflows in every view still has a
@@ -207,7 +209,7 @@ def ten_crop_log_probs(model: nn.Module, x: torch.Tensor, crop_size: int,
     # its centre again, which for an odd margin (256 - 227 = 29) is a pixel off the mirrored
     # centre patch.
     five = v2.functional.five_crop(x, [crop_size, crop_size])
-    views = (*five, *(view.flip(-1) for view in five))
+    views = (*five, *(view.flip(-1) for view in five)) if mirror else five
     log_probs = []
     for view in views:
         with autocast():
@@ -221,7 +223,7 @@ def evaluate(model: nn.Module, loader: DataLoader, transform: nn.Module,
              precision: Precision, guard: StepGuard | None = None,
              targets: Callable[[torch.Tensor], torch.Tensor] = lambda y: y,
              reduce: Callable[[torch.Tensor], torch.Tensor] = lambda t: t, *,
-             ten_crop: bool = False, crop_size: int | None = None,
+             ten_crop: bool = False, crop_size: int | None = None, mirror: bool = True,
              show_bar: bool = False) -> dict | None:
     """Top-1, top-5 and loss over every test example (each rank runs every batch in lockstep).
 
@@ -234,7 +236,7 @@ def evaluate(model: nn.Module, loader: DataLoader, transform: nn.Module,
 
     ``ten_crop``: ``transform`` must give images larger than the model's input (256 for the
     paper's 227); each is judged by its softmax averaged over :func:`ten_crop_log_probs`'s ten crops
-    of side ``crop_size``, and the loss is that average's cross-entropy.
+    of side ``crop_size`` (five without ``mirror``), and the loss is that average's cross-entropy.
     """
     if ten_crop and crop_size is None:
         raise ValueError("ten_crop needs crop_size, the side of the model's input")
@@ -250,7 +252,7 @@ def evaluate(model: nn.Module, loader: DataLoader, transform: nn.Module,
         x = transform(x.to(device, non_blocking=True))
         y = targets(y.to(device, non_blocking=True))
         if ten_crop:
-            logits = ten_crop_log_probs(model, x, crop_size, precision.autocast)
+            logits = ten_crop_log_probs(model, x, crop_size, precision.autocast, mirror)
             loss_sum += F.nll_loss(logits, y, reduction="sum", ignore_index=-1)
         else:
             with precision.autocast():

@@ -51,6 +51,21 @@ KEPT_SECTIONS = ("model", "data", "train")
 PREDICT_BATCH = 32
 
 
+def crop_views(ten_crop: bool, mirror: bool) -> str:
+    """How many views judge each image, as the output says it."""
+    if not ten_crop:
+        return "one view"
+    # A model trained without mirroring never saw a mirrored image: its flips would mislead.
+    return "10 crops" if mirror else "5 crops (no mirror: data.hflip=false)"
+
+
+def test_views(cfg: Config) -> str:
+    """What training's start line says of its epoch-end test when it is not one view."""
+    if not cfg.train.ten_crop:
+        return ""
+    return f", tested on {crop_views(True, cfg.data.hflip)}"
+
+
 def scaled_size(image_size: int) -> int:
     """The side images are scaled to before cropping: the paper's 256 for its 227 (224) crops."""
     return round(image_size * 256 / 227)
@@ -247,7 +262,8 @@ def evaluate_checkpoint(loaded: Loaded, *, ten_crop: bool = False,
     start = time.perf_counter()
     result = evaluate(loaded.model, loader, transform, Precision(cfg.train.amp, layout.device),
                       targets=layout.loss_targets, reduce=layout.sum_over_replicas,
-                      ten_crop=ten_crop, crop_size=size, show_bar=show_bar)
+                      ten_crop=ten_crop, crop_size=size, mirror=cfg.data.hflip,
+                      show_bar=show_bar)
     seconds = time.perf_counter() - start
     if loader.bad_files:
         first, why = loader.bad_files[0]
@@ -257,7 +273,8 @@ def evaluate_checkpoint(loaded: Loaded, *, ten_crop: bool = False,
         "checkpoint": str(loaded.path), "step": loaded.step, "epochs_done": loaded.epoch,
         "model": cfg.model.name, "data": cfg.data.name, "data_root": cfg.data.root,
         "split": "val" if cfg.data.name == "imagefolder" else "test",
-        "images": result["test_images"], "ten_crop": ten_crop, "image_size": size,
+        "images": result["test_images"], "ten_crop": ten_crop,
+        "views": crop_views(ten_crop, cfg.data.hflip), "image_size": size,
         "scaled_size": scaled_size(size) if ten_crop else None,
         "top1": result["test_acc"], "top5": result["test_top5"],
         "top1_error": 1.0 - result["test_acc"], "top5_error": 1.0 - result["test_top5"],
@@ -319,7 +336,7 @@ def evaluate_to_file(loaded: Loaded, out: Path, **options: Any) -> dict[str, Any
 
 def summary(result: dict[str, Any]) -> str:
     """One line for the console."""
-    views = "10 crops" if result["ten_crop"] else "one view"
+    views = result.get("views") or crop_views(result["ten_crop"], True)
     return (f"{Path(result['checkpoint']).name} (step {result['step']}) on {result['images']} "
             f"{result['split']} images of {result['data']}, {views}: top-1 {result['top1']:.4f} "
             f"(error {100 * result['top1_error']:.2f} %), top-5 {result['top5']:.4f} (error "
@@ -384,7 +401,8 @@ def read_image(path: str | Path, info: DataInfo, ten_crop: bool = False) -> torc
 def predict(loaded: Loaded, paths: Sequence[str | Path], top: int = 5,
             ten_crop: bool = False) -> list[dict[str, Any]]:
     """For each image, its ``top`` classes and probabilities, or the reason it was not read;
-    with ``ten_crop`` the softmax averaged over the ten crops, as evaluation's ``--ten-crop``.
+    with ``ten_crop`` the softmax averaged over the ten crops (five for a model trained with
+    data.hflip=false), as evaluation's ``--ten-crop``.
 
     Every rank calls this in lockstep with the same files.
     """
@@ -410,7 +428,8 @@ def predict(loaded: Loaded, paths: Sequence[str | Path], top: int = 5,
         x = torch.cat([transform(img.unsqueeze(0).to(device)) for _, img in chunk])
         with torch.no_grad():
             if ten_crop:
-                probs = ten_crop_log_probs(loaded.model, x, info.image_size).exp()
+                probs = ten_crop_log_probs(loaded.model, x, info.image_size,
+                                           mirror=loaded.config.data.hflip).exp()
             else:
                 probs = F.softmax(loaded.model(x).float(), dim=1)
         values, indices = probs.topk(k, dim=1)

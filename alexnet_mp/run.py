@@ -25,7 +25,7 @@ from alexnet_mp.engine import NonFiniteError, Precision, TrainState, evaluate, t
 from alexnet_mp.errors import PeerLostError, UserError, peer_errors
 from alexnet_mp.guard import StepGuard
 from alexnet_mp.host_memory import release_freed_memory
-from alexnet_mp.inference import scaled_size, whole_scaled_images
+from alexnet_mp.inference import scaled_size, test_views, whole_scaled_images
 from alexnet_mp.loader import make_loader, set_epoch
 from alexnet_mp.metrics import MetricsLog, append_json, plot_curves
 from alexnet_mp.models import dropout_seed, model_family
@@ -372,7 +372,7 @@ class Trainer:
         result = evaluate(self.model, self.test_loader, self.test_transform, self.precision,
                           guard, targets=self.layout.loss_targets,
                           reduce=self.layout.sum_over_replicas, ten_crop=self.cfg.train.ten_crop,
-                          crop_size=self.cfg.data.image_size)
+                          crop_size=self.cfg.data.image_size, mirror=self.cfg.data.hflip)
         self._report_bad_files(self.test_loader)
         return result
 
@@ -402,7 +402,7 @@ class Trainer:
         self.say(f"{cfg.model.name} ({layout.name}, {layout.world_size} rank(s), "
                  f"{layout.device.type}) on {cfg.data.name}: {len(self.train_loader.dataset)} "
                  f"train / {len(self.test_loader.dataset)} test images at "
-                 f"{cfg.data.image_size}px; run folder {self.out}", flush=True)
+                 f"{cfg.data.image_size}px{test_views(cfg)}; run folder {self.out}", flush=True)
         every, max_steps = cfg.run.checkpoint_every, cfg.train.max_steps
         result: dict = {}
         start = time.perf_counter()
