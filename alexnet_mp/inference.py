@@ -35,6 +35,7 @@ from alexnet_mp.config import MODELS, Config, load_config
 from alexnet_mp.data import STATS, BatchTransform, build_data
 from alexnet_mp.engine import Precision, evaluate, ten_crop_log_probs
 from alexnet_mp.errors import UserError
+from alexnet_mp.images import open_image
 from alexnet_mp.loader import make_loader
 from alexnet_mp.models import model_family
 from alexnet_mp.parallel.build import build_model
@@ -390,9 +391,7 @@ def read_image(path: str | Path, info: DataInfo, ten_crop: bool = False) -> torc
         raise UserError(f"image files are read as L (1 channel) or RGB (3), but this model takes "
                         f"{info.in_channels} channels")
     try:
-        with Image.open(path) as img:
-            # convert() decodes the whole file, so a truncated one fails here, not later.
-            img = img.convert("L" if info.in_channels == 1 else "RGB")
+        img = open_image(path, "L" if info.in_channels == 1 else "RGB")
     except Exception as exc:  # PIL raises many types for many kinds of damage
         raise ImageError(f"cannot read image '{path}': {_why(exc)}") from None
     return sample_transform(info, ten_crop)(img)
