@@ -28,6 +28,8 @@ FORMAT = "alexnet_mp/2"
 # Format 1 held the momentum buffers alone, not the learning rate: still readable (see restore).
 READABLE = ("alexnet_mp/1", FORMAT)
 STEP_FILE = re.compile(r"^step-(\d{8})\.pt$")
+# The temporary files save_atomic and link_atomic write beside their targets.
+TEMPORARY = re.compile(r"^\.(step-\d{8}\.pt|last\.pt|best\.pt)\.tmp$")
 
 
 class CheckpointError(UserError):
@@ -184,6 +186,9 @@ def save_atomic(state: dict[str, Any], path: Path) -> None:
         raise SaveError(f"could not write checkpoint '{path}' ({_reason(exc)}); the earlier "
                         "checkpoints are intact: free space or fix the folder's permissions, "
                         "then run the same command to resume") from None
+    except BaseException:  # a second Ctrl-C: no checkpoint-sized file left behind
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _reason(exc: BaseException) -> str:
@@ -215,6 +220,9 @@ def link_atomic(target: Path, link: Path) -> None:
         tmp.unlink(missing_ok=True)
         raise SaveError(f"could not update '{link}' ({_reason(exc)}); '{target}' is written and "
                         "the earlier checkpoints are intact") from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def load(path: Path | str) -> dict[str, Any]:
@@ -339,6 +347,33 @@ def set_aside(path: Path, suffix: str) -> None:
             link_atomic(left[0], last)
         else:
             last.unlink(missing_ok=True)
+
+
+def remove_temporaries(folder: Path) -> list[tuple[str, int]]:
+    """Remove the temporary files an interrupted save left in ``folder`` (a SIGKILL, or a
+    power cut, gives save_atomic no chance to); their names and sizes. Only the writer of
+    ``folder``, holding the run folder's lock, may call this: a live save's file has these
+    names too."""
+    removed = []
+    if not folder.is_dir():
+        return removed
+    for path in sorted(folder.iterdir()):
+        if TEMPORARY.match(path.name) and path.is_file() and not path.is_symlink():
+            size = path.stat().st_size
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+                removed.append((path.name, size))
+    return removed
+
+
+def newest_line(folder: Path) -> str:
+    """Where the same command resumes, said without reading any checkpoint (a Ctrl-C must not
+    wait for one to load): the newest file the run folder calls a checkpoint."""
+    found = candidates(folder)
+    if not found:
+        return (f"no checkpoint was written to '{folder}' yet, so the same command starts from "
+                "the beginning")
+    return f"the newest checkpoint is '{found[0]}': run the same command to resume from it"
 
 
 def prune(folder: Path, keep: int) -> None:

@@ -34,3 +34,8 @@ def peer_errors(what: str) -> Iterator[None]:
     except RuntimeError as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
         raise PeerLostError(f"{what} failed: {first}") from exc
+
+
+def count(n: int, noun: str) -> str:
+    """``n`` and ``noun``, plural unless ``n`` is 1: "1 step", "3 steps"."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"

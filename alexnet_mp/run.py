@@ -99,7 +99,7 @@ class Trainer:
     def _build(self) -> None:
         cfg, layout = self.cfg, self.layout
         if layout.is_main:
-            self.lock = runfolder.prepare(self.out, self.ckdir)
+            self.lock = runfolder.prepare(self.out, self.ckdir, self.warn)
         self.log = MetricsLog(self.out / "metrics.jsonl", enabled=layout.is_main,
                               tensorboard=self.out if cfg.run.tensorboard else None)
         self.precision = Precision(cfg.train.amp, layout.device,

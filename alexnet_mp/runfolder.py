@@ -11,9 +11,11 @@ import fcntl
 import os
 import shutil
 import socket
+from collections.abc import Callable
 from pathlib import Path
 
-from alexnet_mp.errors import UserError
+from alexnet_mp.checkpoint import remove_temporaries
+from alexnet_mp.errors import UserError, count
 
 LOCK_NAME = ".lock"
 
@@ -55,8 +57,10 @@ class RunFolderLock:
             self.fd = None
 
 
-def prepare(folder: Path, checkpoints: Path) -> RunFolderLock:
-    """Create the folders, take the lock and prove that checkpoints can be written there."""
+def prepare(folder: Path, checkpoints: Path,
+            warn: Callable[[str], None] = lambda text: None) -> RunFolderLock:
+    """Create the folders, take the lock, prove that checkpoints can be written there and
+    remove what an interrupted save left (safe only now, under the lock)."""
     try:
         checkpoints.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -72,6 +76,12 @@ def prepare(folder: Path, checkpoints: Path) -> RunFolderLock:
         lock.release()
         raise UserError(f"checkpoint folder '{checkpoints}' is not writable ({exc.strerror}); "
                         "set run.dir to a folder you can write") from None
+    removed = remove_temporaries(checkpoints)
+    if removed:
+        size = sum(n for _, n in removed) / 2**20
+        warn(f"removed {count(len(removed), 'unfinished checkpoint file')} ({removed[0][0]}"
+             f"{', ...' if len(removed) > 1 else ''}; {size:.1f} MiB) that an interrupted save "
+             f"left in '{checkpoints}'")
     return lock
 
 

@@ -319,3 +319,95 @@ def test_an_epoch_cut_short_never_becomes_best(idx_root, tmp_path):
     cut.run()
     assert cut.state.step == 3
     assert ckpt.load(best)["train"]["global_step"] == 6
+
+
+BLOCKING_SAVE = """
+import os, signal, sys, time
+from pathlib import Path
+sys.path.insert(0, sys.argv[1])
+real, marker, step = os.fsync, Path(sys.argv[2]), sys.argv[3]
+
+
+def fsync(fd):
+    # The save of checkpoint `step` hangs once its temporary file is whole, as on a slow disk,
+    # and says when the first Ctrl-C has been taken as a stop request.
+    if os.readlink(f"/proc/self/fd/{fd}").endswith(f".step-{step}.pt.tmp"):
+        marker.write_text("writing")
+        while True:
+            guard = getattr(signal.getsignal(signal.SIGINT), "__self__", None)
+            if guard is not None and guard.stop_requested:
+                marker.write_text("stop requested")
+            time.sleep(0.05)
+    real(fd)
+
+
+os.fsync = fsync
+from launch.train import main
+sys.exit(main(sys.argv[4:]))
+"""
+
+
+def _ctrl_c_twice_during_a_save(idx_root, run: Path, step: int) -> subprocess.CompletedProcess:
+    """Ctrl-C pressed twice (to the whole process group, as a terminal sends it) while the save
+    of step ``step`` is writing: the first asks to stop, the second interrupts."""
+    marker = run.parent / "writing"
+    args = small_overrides(idx_root, run, **{"run.checkpoint_every": 2, "train.epochs": 5})
+    proc = subprocess.Popen([sys.executable, "-c", BLOCKING_SAVE, str(ROOT), str(marker),
+                             f"{step:08d}", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        wait_for(marker.exists, timeout=240, what="the save to start")
+        os.killpg(proc.pid, signal.SIGINT)
+        wait_for(lambda: marker.read_text() == "stop requested", what="the first Ctrl-C")
+        os.killpg(proc.pid, signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+@pytest.mark.parametrize("step", [4, 2])
+def test_a_second_ctrl_c_during_a_save_names_the_true_newest_checkpoint(idx_root, tmp_path,
+                                                                        step):
+    run = tmp_path / "r"
+    proc = _ctrl_c_twice_during_a_save(idx_root, run, step)
+    assert proc.returncode == 130, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    folder = run / "checkpoints"
+    if step == 4:
+        assert last == (f"interrupted; the newest checkpoint is '{folder / 'step-00000002.pt'}': "
+                        "run the same command to resume from it")
+    else:
+        assert last == (f"interrupted; no checkpoint was written to '{folder}' yet, so the same "
+                        "command starts from the beginning")
+    assert not [p.name for p in folder.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_what_a_killed_save_left_is_removed_at_start_and_nothing_else(idx_root, tmp_path,
+                                                                     capsys):
+    run = tmp_path / "r"
+    folder = run / "checkpoints"
+    folder.mkdir(parents=True)
+    ours = [".step-00000004.pt.tmp", ".last.pt.tmp", ".best.pt.tmp"]
+    others = ["step-00000004.pt.tmp", ".notes.tmp", ".step-4.pt.tmp", "keep.txt"]
+    for name in ours + others:
+        (folder / name).write_bytes(b"x" * (1 << 20))
+    # Another job holding the folder: nothing is touched, its save may be in flight.
+    from alexnet_mp.errors import UserError
+    from alexnet_mp.runfolder import RunFolderLock
+
+    holder = RunFolderLock(run)
+    holder.acquire()
+    with pytest.raises(UserError, match="in use by another job"):
+        _trainer(idx_root, run, **{"train.max_steps": 1})
+    assert all((folder / name).is_file() for name in ours)
+    holder.release()
+    capsys.readouterr()
+    trainer = _trainer(idx_root, run, **{"train.max_steps": 1})
+    trainer.close()
+    assert sorted(p.name for p in folder.iterdir()) == sorted(others)
+    err = capsys.readouterr().err
+    assert "removed 3 unfinished checkpoint files (.best.pt.tmp, ...; 3.0 MiB)" in err
