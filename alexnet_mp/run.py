@@ -153,6 +153,8 @@ class Trainer:
             return None
         if resume == "auto":
             found = ckpt.newest_good(self.ckdir, self.warn)
+            if found is None and ckpt.set_aside_files(self.ckdir):
+                self.warn(ckpt.fresh_start_note(self.ckdir))
         else:
             found = Path(resume), ckpt.load(resume)
         if found is None:
@@ -343,17 +345,17 @@ class Trainer:
             self.close()
 
     def _set_aside_poisoned(self, bad_step: int) -> str:
-        """The parameters that gave a non-finite loss at ``bad_step`` came from the update
-        before it; if this run saved them, they are no checkpoint to resume from: resuming
-        "with a lower rate" would start from the damage. Older checkpoints are never touched,
-        so bad data at a fixed batch cannot walk resume back through the whole history."""
-        path = self.ckdir / f"step-{bad_step - 1:08d}.pt"
-        if not self.layout.is_main or bad_step - 1 <= self.resumed_step or not path.is_file():
+        """The parameters that gave a non-finite loss at ``bad_step`` came from the update before
+        the first step of its streak (train.nonfinite=skip applies none of the steps between),
+        so every checkpoint this run wrote from that update on holds them: resuming "with a
+        lower rate" would start from the damage. Older checkpoints are never touched, so bad
+        data at a fixed batch cannot walk resume back through the whole history."""
+        if not self.layout.is_main:
             return ""
-        ckpt.set_aside(path, "nonfinite")
-        left = ckpt.step_files(self.ckdir)
-        return (f"; '{path.name}' (the weights that gave it) was renamed *.nonfinite, so a "
-                f"resumed run starts from {left[0].name if left else 'scratch'}")
+        first_bad = bad_step - max(self.state.skipped_in_row, 1) + 1
+        moved = ckpt.set_aside_from(self.ckdir, max(first_bad - 1, self.resumed_step + 1),
+                                    "nonfinite")
+        return ckpt.poisoned_line(self.ckdir, moved, self.cfg.train.resume)
 
     def _stopped(self, guard: StepGuard, saved: bool) -> dict:
         if not saved:

@@ -18,6 +18,7 @@ from ranks import free_port
 from alexnet_mp import checkpoint as ckpt
 from alexnet_mp.config import load_config
 from alexnet_mp.engine import NonFiniteError
+from alexnet_mp.errors import UserError
 from alexnet_mp.parallel.layout import setup_layout
 from alexnet_mp.run import Trainer
 
@@ -103,7 +104,8 @@ def test_nan_stops_before_the_bad_step_and_sets_its_cause_aside(idx_root, tmp_pa
     bad_step = int(line.split("at step ")[1].split()[0])
     assert bad_step >= 5
     # The weights that gave the bad step came from the update before it: set aside.
-    assert f"'step-{bad_step - 1:08d}.pt' (the weights that gave it) was renamed" in line
+    assert (f"1 checkpoint holding the weights that gave it (step-{bad_step - 1:08d}.pt) was "
+            "renamed *.nonfinite; a rerun resumes from step-" in line)
     assert (run / "checkpoints" / f"step-{bad_step - 1:08d}.pt.nonfinite").is_file()
     newest = ckpt.load(run / "checkpoints" / "last.pt")
     assert newest["train"]["global_step"] == bad_step - 2
@@ -131,6 +133,29 @@ def test_resume_skips_a_damaged_newest_checkpoint(idx_root, tmp_path, damage, ca
     resumed = _trainer(idx_root, run, **{"run.checkpoint_every": 2, "run.keep_checkpoints": 3})
     assert resumed.state.global_step == ckpt.load(previous)["train"]["global_step"] == 4
     assert newest.name in capsys.readouterr().err
+
+
+def test_every_checkpoint_damaged_counts_files_not_links_and_a_rerun_says_it_starts_over(
+        idx_root, tmp_path, capsys):
+    run = tmp_path / "r"
+    folder = run / "checkpoints"
+    _trainer(idx_root, run, **{"run.checkpoint_every": 4, "train.max_steps": 6}).run()
+    files = ckpt.step_files(folder)  # steps 6 and 4; last.pt and best.pt link to step 6
+    assert len(files) == 2 and os.path.samefile(folder / "best.pt", files[0])
+    for path in files:
+        path.write_bytes(path.read_bytes()[:1000])  # damages the links' file too
+    with pytest.raises(UserError) as failed:
+        _trainer(idx_root, run, **{"train.max_steps": 6})
+    assert (f"no usable checkpoint in '{folder}': all 2 are damaged (renamed *.damaged and kept "
+            "for inspection); the same command now starts from the beginning") in str(failed.value)
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "step-00000004.pt.damaged", "step-00000006.pt.damaged"]
+    capsys.readouterr()
+    rerun = _trainer(idx_root, run, **{"train.max_steps": 6})
+    assert rerun.resumed_from is None
+    assert (f"warning: starting from the beginning: every checkpoint in '{folder}' was set aside "
+            "(2 *.damaged, kept for inspection)") in capsys.readouterr().err
+    rerun.close()
 
 
 def test_a_kill_during_a_checkpoint_write_leaves_the_previous_one(tmp_path):
@@ -181,6 +206,45 @@ def test_lowering_the_rate_after_a_blow_up_resumes_from_good_weights(idx_root, t
     resumed.run()
     assert resumed.state.global_step == 12
     final = ckpt.load(run / "checkpoints" / "last.pt")["model"]
+    assert all(torch.isfinite(t).all() for t in final.values())
+
+
+@pytest.mark.parametrize("start", ["scratch", "resumed"])
+def test_a_run_diverged_under_skip_recovers_with_a_lower_rate_and_no_file_touched(
+        idx_root, tmp_path, start):
+    """train.nonfinite=skip and a rate that blows the weights up at once: the steps after it are
+    skipped, but the epoch-end checkpoints (and best.pt, a hard link to one) hold the finite,
+    enormous weights that gave every NaN. They are set aside with their links, the line says
+    where a rerun starts, and the rerun with train.lr=0.01 starts there and trains to the end."""
+    run = tmp_path / "r"
+    folder = run / "checkpoints"
+    base = {"train.epochs": 3}
+    if start == "resumed":
+        _trainer(idx_root, run, **base, **{"train.max_steps": 6}).run()  # a good epoch
+    with pytest.raises(NonFiniteError) as failed:
+        _trainer(idx_root, run, **base, **{"train.lr": 1e12, "train.nonfinite": "skip",
+                                           "train.max_skipped": 8}).run()
+    line = str(failed.value)
+    assert "8 steps in a row were NaN or infinite" in line
+    poisoned = "step-00000006.pt" if start == "scratch" else "step-00000012.pt"
+    assert f"1 checkpoint holding the weights that gave it ({poisoned}) was renamed" in line
+    assert (folder / f"{poisoned}.nonfinite").is_file()
+    assert not (folder / "best.pt").exists() or not os.path.samefile(
+        folder / "best.pt", folder / f"{poisoned}.nonfinite")
+    if start == "scratch":
+        assert line.endswith("; a rerun starts from the beginning (no good checkpoint is left)")
+        assert ckpt.candidates(folder) == []
+    else:
+        assert line.endswith("; a rerun resumes from step-00000006.pt (step 6)")
+    rerun = _trainer(idx_root, run, **base, **{"train.lr": 0.01, "train.nonfinite": "skip",
+                                               "train.max_skipped": 8})
+    if start == "scratch":
+        assert rerun.resumed_from is None
+    else:
+        assert rerun.resumed_from == folder / "step-00000006.pt"
+    rerun.run()
+    assert rerun.state.global_step == 18 and rerun.state.epoch == 3
+    final = ckpt.load(folder / "last.pt")["model"]
     assert all(torch.isfinite(t).all() for t in final.values())
 
 
@@ -396,7 +460,6 @@ def test_what_a_killed_save_left_is_removed_at_start_and_nothing_else(idx_root, 
     for name in ours + others:
         (folder / name).write_bytes(b"x" * (1 << 20))
     # Another job holding the folder: nothing is touched, its save may be in flight.
-    from alexnet_mp.errors import UserError
     from alexnet_mp.runfolder import RunFolderLock
 
     holder = RunFolderLock(run)
