@@ -225,8 +225,14 @@ def link_atomic(target: Path, link: Path) -> None:
         raise
 
 
-def load(path: Path | str) -> dict[str, Any]:
-    """Read and verify a checkpoint; any problem is a one-line :class:`CheckpointError`."""
+RESUME_REMEDY = "use an older checkpoint or train.resume=none with a new run.dir"
+
+
+def load(path: Path | str, remedy: str = RESUME_REMEDY) -> dict[str, Any]:
+    """Read and verify a checkpoint; any problem is a one-line :class:`CheckpointError`.
+
+    ``remedy`` ends the line of an unreadable file: what the caller's user can do instead.
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint '{path}' does not exist; check train.resume")
@@ -241,8 +247,7 @@ def load(path: Path | str) -> dict[str, Any]:
                                   ) from None
         detail = type(exc).__name__ if "Weights only" in text else text.strip().split("\n")[0]
         raise CheckpointError(f"checkpoint '{path}' is unreadable or truncated ({detail[:120]}); "
-                              "use an older checkpoint or train.resume=none with a new run.dir"
-                              ) from None
+                              f"{remedy}") from None
     if not isinstance(state, dict) or state.get("format") not in READABLE:
         raise CheckpointError(f"'{path}' is not an alexnet_mp checkpoint (no format "
                               f"'{FORMAT}'); pass a file written by launch/train.py")

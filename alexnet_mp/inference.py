@@ -34,7 +34,7 @@ from alexnet_mp import checkpoint as ckpt
 from alexnet_mp.config import MODELS, Config, load_config
 from alexnet_mp.data import STATS, BatchTransform, build_data
 from alexnet_mp.engine import Precision, evaluate, ten_crop_log_probs
-from alexnet_mp.errors import UserError
+from alexnet_mp.errors import UserError, count
 from alexnet_mp.images import open_image
 from alexnet_mp.loader import make_loader
 from alexnet_mp.models import model_family
@@ -164,7 +164,8 @@ def read_checkpoint(path: str | Path, overrides: Sequence[str] = ()
         raise ckpt.CheckpointError(f"checkpoint '{path}' does not exist or is not a file; pass a "
                                    ".pt file written by launch/train.py (RUN_DIR/checkpoints/"
                                    "last.pt, best.pt or step-N.pt)")
-    state = ckpt.load(path)
+    state = ckpt.load(path, remedy="pass an older checkpoint as the checkpoint argument (such "
+                                   "as another step-N.pt beside it)")
     family = state.get("model_name")
     if family not in FAMILIES:
         raise ckpt.CheckpointError(f"checkpoint '{path}' holds a model '{family}' that this "
@@ -338,8 +339,9 @@ def evaluate_to_file(loaded: Loaded, out: Path, **options: Any) -> dict[str, Any
 def summary(result: dict[str, Any]) -> str:
     """One line for the console."""
     views = result.get("views") or crop_views(result["ten_crop"], True)
-    return (f"{Path(result['checkpoint']).name} (step {result['step']}) on {result['images']} "
-            f"{result['split']} images of {result['data']}, {views}: top-1 {result['top1']:.4f} "
+    images = count(result["images"], f"{result['split']} image")
+    return (f"{Path(result['checkpoint']).name} (step {result['step']}) on {images} of "
+            f"{result['data']}, {views}: top-1 {result['top1']:.4f} "
             f"(error {100 * result['top1_error']:.2f} %), top-5 {result['top5']:.4f} (error "
             f"{100 * result['top5_error']:.2f} %), loss {result['loss']:.4f}")
 

@@ -22,7 +22,7 @@ from alexnet_mp import runfolder
 from alexnet_mp.config import Config, dump_config, resume_changes, run_dir
 from alexnet_mp.data import BatchTransform, build_data
 from alexnet_mp.engine import NonFiniteError, Precision, TrainState, evaluate, train_one_epoch
-from alexnet_mp.errors import PeerLostError, UserError, peer_errors
+from alexnet_mp.errors import PeerLostError, UserError, count, lost_peer_line, peer_errors
 from alexnet_mp.guard import StepGuard
 from alexnet_mp.host_memory import release_freed_memory
 from alexnet_mp.inference import scaled_size, test_views, whole_scaled_images
@@ -50,8 +50,10 @@ def make_scheduler(cfg: Config, optimizer: torch.optim.Optimizer):
 class Trainer:
     """Holds what a run builds so that checkpoints can save and restore all of it."""
 
-    def __init__(self, cfg: Config, layout: Layout) -> None:
-        self.cfg, self.layout = cfg, layout
+    def __init__(self, cfg: Config, layout: Layout,
+                 restarts: tuple[int, int] | None = None) -> None:
+        """``restarts``: torchrun's (--max-restarts, restarts so far), None without torchrun."""
+        self.cfg, self.layout, self.restarts = cfg, layout, restarts
         self.out = run_dir(cfg)
         self.ckdir = self.out / "checkpoints"
         self.say = print if layout.is_main else (lambda *a, **k: None)
@@ -65,35 +67,36 @@ class Trainer:
             self._build()
         except UserError as exc:
             error = exc
-        self._agree(error)
+        # A job refused before it trains leaves the disk as it found it.
+        self._agree(error, tidy=True)
         error = None
         try:
             self._resume()
         except UserError as exc:
             error = exc
         except BaseException:
-            self.close()
+            self.close(tidy=True)
             raise
-        self._agree(error)
+        self._agree(error, tidy=True)
 
     def warn(self, text: str) -> None:
         if self.layout.is_main:
             print(f"warning: {text}", file=sys.stderr, flush=True)
 
-    def close(self) -> None:
+    def close(self, tidy: bool = False) -> None:
         if getattr(self, "log", None) is not None:
             self.log.close()
         if self.lock is not None:
-            self.lock.release()
+            self.lock.release(tidy)
             self.lock = None
 
-    def _agree(self, error: UserError | None) -> None:
+    def _agree(self, error: UserError | None, tidy: bool = False) -> None:
         """Every rank raises if any rank failed (the failing rank's line), none hangs."""
         try:
             with peer_errors("agreeing with the other ranks"):
                 self.layout.agree(error)
         except BaseException:
-            self.close()
+            self.close(tidy)
             raise
 
     def _build(self) -> None:
@@ -335,11 +338,9 @@ class Trainer:
                 raise
             raise NonFiniteError(f"{exc}{self._set_aside_poisoned(exc.loss_at_step)}") from None
         except PeerLostError as exc:
-            raise PeerLostError(
-                f"rank {self.layout.rank}: the other rank stopped answering at step "
-                f"{self.state.global_step + 1} (epoch {self.state.epoch + 1}) ({exc}); the "
-                f"newest checkpoint is in {self.ckdir}: restart the same command to resume, or "
-                "run torchrun with --max-restarts") from None
+            raise PeerLostError(lost_peer_line(
+                self.layout.rank, self.layout.world_size, self.state.global_step + 1,
+                self.state.epoch + 1, str(exc), str(self.ckdir), self.restarts)) from None
         finally:
             guard.uninstall()
             self.close()
@@ -472,6 +473,13 @@ class Trainer:
                 return self._stopped(guard, saved=True)
         if result:
             self.say(f"done: test accuracy {result['test_acc']:.4f} after "
-                     f"{self.state.global_step} steps in {time.perf_counter() - start:.0f} s; "
-                     f"run folder {self.out}", flush=True)
+                     f"{count(self.state.global_step, 'step')} in "
+                     f"{time.perf_counter() - start:.0f} s; run folder {self.out}", flush=True)
+        else:  # a finished run run again
+            by_steps = max_steps is not None and self.state.global_step >= max_steps
+            limit = (f"train.max_steps={max_steps}" if by_steps
+                     else f"train.epochs={cfg.train.epochs}")
+            self.say(f"done: nothing left to train at step {self.state.global_step} "
+                     f"({count(self.state.epoch, 'epoch')} done), which {limit} allows; raise it "
+                     f"to train on; run folder {self.out}", flush=True)
         return result

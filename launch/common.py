@@ -37,6 +37,19 @@ def layout_from_env(cfg: Config, model_name: str) -> Layout:
         attempt=int(env.get("TORCHELASTIC_RESTART_COUNT", 0)))
 
 
+def restarts_from_env() -> tuple[int, int] | None:
+    """torchrun's (--max-restarts, restarts so far), which it gives its workers; None without
+    torchrun."""
+    env = os.environ
+    if "TORCHELASTIC_MAX_RESTARTS" not in env:
+        return None
+    try:
+        return (int(env["TORCHELASTIC_MAX_RESTARTS"]),
+                int(env.get("TORCHELASTIC_RESTART_COUNT", 0)))
+    except ValueError:
+        return None
+
+
 def report(exc: UserError) -> int:
     """One line on stderr (rank 0, or the rank whose group broke); returns the exit code."""
     broken = getattr(exc, "broken_group", False)

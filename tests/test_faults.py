@@ -474,3 +474,63 @@ def test_what_a_killed_save_left_is_removed_at_start_and_nothing_else(idx_root, 
     assert sorted(p.name for p in folder.iterdir()) == sorted(others)
     err = capsys.readouterr().err
     assert "removed 3 unfinished checkpoint files (.best.pt.tmp, ...; 3.0 MiB)" in err
+
+
+def _rank_1_dies_at_its_first_save(rank: int) -> None:
+    """Rank 1 is killed (as by the OOM killer) as the first checkpoint's agreement begins."""
+    if rank == 1:
+        def die(model):
+            os._exit(9)
+
+        ckpt.nonfinite_parameters = die
+
+
+def test_a_peer_lost_mid_run_is_not_reported_as_a_start_up_failure(idx_root, tmp_path, capfd):
+    args = small_overrides(idx_root, tmp_path / "r", **{
+        "model.name": "alexnet_columns", "train.max_steps": 4, "run.checkpoint_every": 2,
+        "run.timeout_s": 30, "run.save_timeout_s": 30})
+    assert _two_ranks(args, _rank_1_dies_at_its_first_save) == [3, 9]
+    line = [x for x in capfd.readouterr().err.splitlines() if x.startswith("error: rank 0")]
+    assert line and "rank 0: the other rank stopped answering at step 3" in line[0], line
+    assert "agreeing with the other ranks failed" in line[0] and "startup" not in line[0]
+    assert line[0].endswith("restart the same command to resume")  # not under torchrun
+
+
+def test_the_lost_peer_line_names_the_ranks_and_the_restarts_left():
+    from alexnet_mp.errors import lost_peer_line
+
+    def line(world: int, restarts) -> str:
+        return lost_peer_line(0, world, 7, 2, "the backward pass failed: x", "run/checkpoints",
+                              restarts)
+
+    assert line(2, None).startswith("rank 0: the other rank stopped answering at step 7 (epoch "
+                                    "2) (the backward pass failed: x); the newest checkpoint is "
+                                    "in run/checkpoints: ")
+    assert "a peer rank stopped answering" in line(4, None) and "other rank" not in line(4, None)
+    assert line(2, (0, 0)).endswith("restart the same command to resume, or run torchrun with "
+                                    "--max-restarts")
+    assert line(2, (3, 1)).endswith("torchrun restarts the job and it resumes (2 restarts of "
+                                    "--max-restarts=3 left)")
+    assert line(2, (3, 2)).endswith("(1 restart of --max-restarts=3 left)")
+    assert line(2, (3, 3)).endswith("torchrun's --max-restarts=3 are used up; restart the same "
+                                    "command to resume")
+
+
+def test_torchrun_tells_its_workers_the_restarts(monkeypatch):
+    sys.path.insert(0, str(ROOT))
+    from launch.common import restarts_from_env
+
+    monkeypatch.delenv("TORCHELASTIC_MAX_RESTARTS", raising=False)
+    assert restarts_from_env() is None
+    monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "3")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    assert restarts_from_env() == (3, 1)
+
+
+def test_plurals_are_counted(idx_root, tmp_path):
+    from alexnet_mp.errors import count
+
+    assert [count(n, "step") for n in (0, 1, 2)] == ["0 steps", "1 step", "2 steps"]
+    with pytest.raises(NonFiniteError, match="1 step in a row was NaN or infinite at step 2"):
+        _trainer(idx_root, tmp_path / "s", **{"train.lr": 1e30, "train.nonfinite": "skip",
+                                              "train.max_skipped": 1}).run()

@@ -337,3 +337,18 @@ def test_a_model_trained_without_mirroring_is_tested_on_five_crops(tmp_path, cap
     image = root / "val" / "green" / "0.png"
     assert predict_cli.main([str(checkpoint), str(image), "--json", "--ten-crop"]) == 0
     assert json.loads(capsys.readouterr().out)["views"].startswith("5 crops (no mirror")
+
+
+def test_a_truncated_checkpoint_is_refused_with_advice_for_this_command(tmp_path, capsys):
+    path = tmp_path / "step-00000004.pt"
+    ckpt.save_atomic({"format": ckpt.FORMAT, "model": {"w": torch.ones(1000)}}, path)
+    path.write_bytes(path.read_bytes()[:2000])
+    image = tmp_path / "x.png"
+    Image.new("RGB", (8, 8)).save(image)
+    for main, args in ((evaluate_cli.main, [str(path), *QUIET]),
+                       (predict_cli.main, [str(path), str(image)])):
+        assert main(args) == 2
+        line = one_error_line(capsys.readouterr().err)
+        assert "is unreadable or truncated" in line and "train.resume" not in line
+        assert line.endswith("pass an older checkpoint as the checkpoint argument (such as "
+                             "another step-N.pt beside it)")
