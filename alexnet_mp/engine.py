@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 from torchvision.transforms import v2
 from tqdm import tqdm
 
-from alexnet_mp.errors import UserError, count, peer_errors
+from alexnet_mp.errors import UserError, peer_errors
 from alexnet_mp.guard import StepGuard
 
 
@@ -143,9 +143,8 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
         if guard is not None and not guard.check(loss, model, grads=precision.scaler is None):
             state.skipped_in_row += 1
             if not skip_nonfinite or state.skipped_in_row >= max_skipped:
-                n = state.skipped_in_row
-                why = (f"{count(n, 'step')} in a row {'was' if n == 1 else 'were'}"
-                       if skip_nonfinite else "the loss or a gradient became")
+                why = (f"{state.skipped_in_row} steps in a row were" if skip_nonfinite
+                       else "the loss or a gradient became")
                 raise NonFiniteError(
                     f"{why} NaN or infinite at step {state.global_step + 1} (epoch "
                     f"{state.epoch + 1}); no such step was applied and the last good checkpoint "

@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset, default_collate
 
 from alexnet_mp.data import SeededTransform
-from alexnet_mp.errors import UserError, count
+from alexnet_mp.errors import UserError
 from alexnet_mp.imagefolder import UnreadableImage
 
 
@@ -192,9 +192,9 @@ class CheckedLoader(DataLoader):
         if batch.x is None:
             # An empty batch would turn into a NaN loss, and leaving it out would make the
             # caller's step count disagree with the sampler's batches (and so with resume).
-            raise UserError(f"no image of a batch could be read ({count(len(bad), 'file')}, the "
-                            f"first {path}: {reason}); data.bad_images=skip leaves out single "
-                            "files, not whole batches: check the files under data.root")
+            raise UserError(f"no image of a batch could be read ({len(bad)} files, the first "
+                            f"{path}: {reason}); data.bad_images=skip leaves out single files, "
+                            f"not whole batches: check the files under data.root")
         return [batch.x, batch.y]
 
 

@@ -527,10 +527,7 @@ def test_torchrun_tells_its_workers_the_restarts(monkeypatch):
     assert restarts_from_env() == (3, 1)
 
 
-def test_plurals_are_counted(idx_root, tmp_path):
+def test_plurals_are_counted():
     from alexnet_mp.errors import count
 
     assert [count(n, "step") for n in (0, 1, 2)] == ["0 steps", "1 step", "2 steps"]
-    with pytest.raises(NonFiniteError, match="1 step in a row was NaN or infinite at step 2"):
-        _trainer(idx_root, tmp_path / "s", **{"train.lr": 1e30, "train.nonfinite": "skip",
-                                              "train.max_skipped": 1}).run()
