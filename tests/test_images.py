@@ -105,7 +105,7 @@ def test_training_evaluation_and_prediction_read_a_16_bit_file_alike(tmp_path):
     path = root / "train" / "a" / "0.png"
     assert np.array_equal(np.asarray(train.loader(str(path))),
                           np.asarray(open_image(path, "RGB")))
-    sample = torch.as_tensor(np.array(data.train[0][0]))  # after training's crop
+    sample = torch.as_tensor(data.train[0][0])  # after training's crop
     assert (sample == 255).float().mean() < 0.1  # not the clipped white image
     info = inference.DataInfo("imagefolder", ["a", "b"], (0.5,) * 3, (0.25,) * 3, 32, 3)
     test = data.test[0][0]
