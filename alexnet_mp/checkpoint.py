@@ -340,7 +340,7 @@ def newest_good(folder: Path, warn, rename: bool = True) -> tuple[Path, dict[str
             break
         tried.add(_identity(path))
         try:
-            state = load(path)
+            state = load(path, remedy="it is set aside and an older one tried")
             broken = [n for n, t in state["model"].items() if not torch.isfinite(t).all()]
             if broken:
                 raise CheckpointError(f"checkpoint '{path}' holds non-finite parameters "
