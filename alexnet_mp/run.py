@@ -348,14 +348,17 @@ class Trainer:
     def _set_aside_poisoned(self, bad_step: int) -> str:
         """The parameters that gave a non-finite loss at ``bad_step`` came from the update before
         the first step of its streak (train.nonfinite=skip applies none of the steps between),
-        so every checkpoint this run wrote from that update on holds them: resuming "with a
-        lower rate" would start from the damage. Older checkpoints are never touched, so bad
-        data at a fixed batch cannot walk resume back through the whole history."""
+        so every checkpoint written from that update on holds them: resuming "with a lower
+        rate" would start from the damage. A single bad step never touches a checkpoint older
+        than this run, so bad data at a fixed batch cannot walk resume back through the whole
+        history; a streak of several, on as many batches, is the weights' doing, even when it
+        began before a resume (a checkpoint saved mid-streak)."""
         if not self.layout.is_main:
             return ""
-        first_bad = bad_step - max(self.state.skipped_in_row, 1) + 1
-        moved = ckpt.set_aside_from(self.ckdir, max(first_bad - 1, self.resumed_step + 1),
-                                    "nonfinite")
+        streak = max(self.state.skipped_in_row, 1)
+        first_bad = bad_step - streak + 1
+        start = first_bad - 1 if streak > 1 else max(first_bad - 1, self.resumed_step + 1)
+        moved = ckpt.set_aside_from(self.ckdir, start, "nonfinite")
         return ckpt.poisoned_line(self.ckdir, moved, self.cfg.train.resume)
 
     def _stopped(self, guard: StepGuard, saved: bool) -> dict:

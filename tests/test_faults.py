@@ -250,6 +250,31 @@ def test_a_run_diverged_under_skip_recovers_with_a_lower_rate_and_no_file_touche
     assert all(torch.isfinite(t).all() for t in final.values())
 
 
+def test_a_skip_streak_saved_before_a_resume_is_set_aside_too(idx_root, tmp_path):
+    """A diverging run ends (train.max_steps, or a stop) in the middle of a streak of skipped
+    steps, so its last checkpoints hold the weights that gave them. The next run, with a lower
+    rate, meets NaN from its first step: those checkpoints, though older than it, go aside, and
+    the one after that resumes from the last good weights."""
+    run = tmp_path / "r"
+    folder = run / "checkpoints"
+    base = {"train.epochs": 3, "run.checkpoint_every": 2, "train.nonfinite": "skip"}
+    _trainer(idx_root, run, **base, **{"train.max_steps": 6}).run()
+    _trainer(idx_root, run, **base, **{"train.max_steps": 12, "train.lr": 1e12,
+                                       "train.max_skipped": 100}).run()
+    assert ckpt.load(folder / "last.pt")["train"]["skipped_in_row"] == 5  # steps 8 to 12
+    lower = {"train.lr": 0.01, "train.max_skipped": 3}
+    with pytest.raises(NonFiniteError) as failed:
+        _trainer(idx_root, run, **base, **lower).run()
+    # Pruning kept steps 10 and 12; best.pt still holds epoch 1's step 6.
+    assert ("2 checkpoints holding the weights that gave it (step-00000010.pt, "
+            "step-00000012.pt) were renamed *.nonfinite; a rerun resumes from best.pt (step 6)"
+            ) in str(failed.value)
+    rerun = _trainer(idx_root, run, **base, **lower)
+    assert rerun.resumed_from == folder / "best.pt"
+    rerun.run()
+    assert rerun.state.global_step == 18
+
+
 def test_a_checkpoint_with_non_finite_weights_is_skipped_on_resume(idx_root, tmp_path, capsys):
     run = tmp_path / "r"
     _trainer(idx_root, run, **{"run.checkpoint_every": 2, "train.max_steps": 4}).run()
