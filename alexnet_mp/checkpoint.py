@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from alexnet_mp.errors import UserError
+from alexnet_mp.errors import UserError, count
 from alexnet_mp.parallel.exchange import gather_rows
 from alexnet_mp.parallel.layout import Layout
 
@@ -28,6 +28,8 @@ FORMAT = "alexnet_mp/2"
 # Format 1 held the momentum buffers alone, not the learning rate: still readable (see restore).
 READABLE = ("alexnet_mp/1", FORMAT)
 STEP_FILE = re.compile(r"^step-(\d{8})\.pt$")
+# The temporary files save_atomic and link_atomic write beside their targets.
+TEMPORARY = re.compile(r"^\.(step-\d{8}\.pt|last\.pt|best\.pt)\.tmp$")
 
 
 class CheckpointError(UserError):
@@ -184,6 +186,9 @@ def save_atomic(state: dict[str, Any], path: Path) -> None:
         raise SaveError(f"could not write checkpoint '{path}' ({_reason(exc)}); the earlier "
                         "checkpoints are intact: free space or fix the folder's permissions, "
                         "then run the same command to resume") from None
+    except BaseException:  # a second Ctrl-C: no checkpoint-sized file left behind
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _reason(exc: BaseException) -> str:
@@ -215,10 +220,19 @@ def link_atomic(target: Path, link: Path) -> None:
         tmp.unlink(missing_ok=True)
         raise SaveError(f"could not update '{link}' ({_reason(exc)}); '{target}' is written and "
                         "the earlier checkpoints are intact") from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
-def load(path: Path | str) -> dict[str, Any]:
-    """Read and verify a checkpoint; any problem is a one-line :class:`CheckpointError`."""
+RESUME_REMEDY = "use an older checkpoint or train.resume=none with a new run.dir"
+
+
+def load(path: Path | str, remedy: str = RESUME_REMEDY) -> dict[str, Any]:
+    """Read and verify a checkpoint; any problem is a one-line :class:`CheckpointError`.
+
+    ``remedy`` ends the line of an unreadable file: what the caller's user can do instead.
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint '{path}' does not exist; check train.resume")
@@ -233,8 +247,7 @@ def load(path: Path | str) -> dict[str, Any]:
                                   ) from None
         detail = type(exc).__name__ if "Weights only" in text else text.strip().split("\n")[0]
         raise CheckpointError(f"checkpoint '{path}' is unreadable or truncated ({detail[:120]}); "
-                              "use an older checkpoint or train.resume=none with a new run.dir"
-                              ) from None
+                              f"{remedy}") from None
     if not isinstance(state, dict) or state.get("format") not in READABLE:
         raise CheckpointError(f"'{path}' is not an alexnet_mp checkpoint (no format "
                               f"'{FORMAT}'); pass a file written by launch/train.py")
@@ -300,17 +313,34 @@ def candidates(folder: Path) -> list[Path]:
     return step_files(folder) + named
 
 
-def newest_good(folder: Path, warn) -> tuple[Path, dict[str, Any]] | None:
+def _identity(path: Path) -> tuple[int, int] | None:
+    """The file behind ``path``: last.pt and best.pt are hard links to numbered checkpoints."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def newest_good(folder: Path, warn, rename: bool = True) -> tuple[Path, dict[str, Any]] | None:
     """The first of :func:`candidates` that verifies and holds finite parameters.
 
     A damaged one is named through ``warn`` and renamed ``*.damaged``: it stays for inspection,
     but is never tried again and never counts as one of the checkpoints that pruning keeps.
-    Only the rank that writes checkpoints may call this.
+    Only the rank that writes checkpoints may call this. With ``rename=False`` nothing is
+    renamed or said: the checkpoint a resume would choose, found without touching a file.
     """
-    bad = []
-    for path in candidates(folder):
+    bad: list[Path] = []
+    tried: set[tuple[int, int]] = set()
+    while True:
+        # Asked again after each rename: setting a file aside moves or removes its links.
+        path = next((p for p in candidates(folder)
+                     if _identity(p) is not None and _identity(p) not in tried), None)
+        if path is None:
+            break
+        tried.add(_identity(path))
         try:
-            state = load(path)
+            state = load(path, remedy="it is set aside and an older one tried")
             broken = [n for n, t in state["model"].items() if not torch.isfinite(t).all()]
             if broken:
                 raise CheckpointError(f"checkpoint '{path}' holds non-finite parameters "
@@ -318,27 +348,103 @@ def newest_good(folder: Path, warn) -> tuple[Path, dict[str, Any]] | None:
             return path, state
         except CheckpointError as exc:
             bad.append(path)
-            warn(f"skipping {exc}")
-            with contextlib.suppress(OSError):
-                set_aside(path, "damaged")
-    if bad:
-        raise CheckpointError(f"no usable checkpoint in '{folder}': all {len(bad)} are damaged "
-                              "(renamed *.damaged); move them away to start again")
+            if rename:
+                warn(f"skipping {exc}")
+                with contextlib.suppress(OSError):
+                    set_aside(path, "damaged")
+    if bad and rename:
+        which = "the only one is" if len(bad) == 1 else f"all {len(bad)} are"
+        raise CheckpointError(f"no usable checkpoint in '{folder}': {which} damaged (renamed "
+                              "*.damaged and kept for inspection); the same command now starts "
+                              "from the beginning, or put a good copy back as step-N.pt there "
+                              "to resume from it")
     return None
 
 
 def set_aside(path: Path, suffix: str) -> None:
-    """Rename ``path`` out of the candidates (``*.<suffix>``), and point last.pt at the newest
-    numbered checkpoint left (or remove it) if it was the same file."""
-    last = path.parent / "last.pt"
-    was_last = last.is_file() and os.path.samefile(last, path)
+    """Rename ``path`` out of the candidates (``*.<suffix>``), with the links to it: last.pt
+    then points at the newest numbered checkpoint left (or is removed), and best.pt is removed
+    (no other file is known to be the best), so that neither resumes from it."""
+    folder = path.parent
+    links = [folder / n for n in ("last.pt", "best.pt")
+             if (folder / n).is_file() and folder / n != path
+             and os.path.samefile(folder / n, path)]
     path.replace(path.with_name(f"{path.name}.{suffix}"))
-    if was_last:
-        left = step_files(path.parent)
-        if left:
-            link_atomic(left[0], last)
+    for link in links:
+        left = step_files(folder)
+        if link.name == "last.pt" and left:
+            link_atomic(left[0], link)
         else:
-            last.unlink(missing_ok=True)
+            link.unlink(missing_ok=True)
+
+
+def set_aside_from(folder: Path, first_step: int, suffix: str) -> list[Path]:
+    """Set aside (:func:`set_aside`) every numbered checkpoint of ``first_step`` or later; the
+    paths as they were, oldest first."""
+    late = [p for p in step_files(folder) if int(STEP_FILE.match(p.name)[1]) >= first_step]
+    for path in sorted(late):
+        set_aside(path, suffix)
+    return sorted(late)
+
+
+def poisoned_line(folder: Path, moved: list[Path], resume: str) -> str:
+    """The end of a non-finite error's line: what was set aside, and where a rerun starts, found
+    as resume will find it."""
+    text = ""
+    if moved:
+        names = ", ".join(p.name for p in moved[:2]) + (", ..." if len(moved) > 2 else "")
+        text = (f"; {count(len(moved), 'checkpoint')} holding the weights that gave it ({names}) "
+                f"{'was' if len(moved) == 1 else 'were'} renamed *.nonfinite")
+    found = newest_good(folder, lambda text: None, rename=False)
+    where = (f"resumes from {found[0].name} (step {found[1]['train']['global_step']})" if found
+             else "starts from the beginning (no good checkpoint is left)")
+    rerun = "a rerun" if resume == "auto" else "a rerun with train.resume=auto"
+    return f"{text}; {rerun} {where}"
+
+
+def fresh_start_note(folder: Path) -> str:
+    """Why a run folder that held checkpoints starts from the beginning."""
+    kinds: dict[str, int] = {}
+    for path in set_aside_files(folder):
+        kinds[path.suffix] = kinds.get(path.suffix, 0) + 1
+    held = ", ".join(f"{n} *{suffix}" for suffix, n in sorted(kinds.items()))
+    return (f"starting from the beginning: every checkpoint in '{folder}' was set aside ({held}, "
+            "kept for inspection)")
+
+
+def set_aside_files(folder: Path) -> list[Path]:
+    """Checkpoints renamed out of the candidates (``*.damaged``, ``*.nonfinite``)."""
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir()
+                  if p.suffix in (".damaged", ".nonfinite") and p.name.endswith(".pt" + p.suffix))
+
+
+def remove_temporaries(folder: Path) -> list[tuple[str, int]]:
+    """Remove the temporary files an interrupted save left in ``folder`` (a SIGKILL, or a
+    power cut, gives save_atomic no chance to); their names and sizes. Only the writer of
+    ``folder``, holding the run folder's lock, may call this: a live save's file has these
+    names too."""
+    removed = []
+    if not folder.is_dir():
+        return removed
+    for path in sorted(folder.iterdir()):
+        if TEMPORARY.match(path.name) and path.is_file() and not path.is_symlink():
+            size = path.stat().st_size
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+                removed.append((path.name, size))
+    return removed
+
+
+def newest_line(folder: Path) -> str:
+    """Where the same command resumes, said without reading any checkpoint (a Ctrl-C must not
+    wait for one to load): the newest file the run folder calls a checkpoint."""
+    found = candidates(folder)
+    if not found:
+        return (f"no checkpoint was written to '{folder}' yet, so the same command starts from "
+                "the beginning")
+    return f"the newest checkpoint is '{found[0]}': run the same command to resume from it"
 
 
 def prune(folder: Path, keep: int) -> None:

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 from torchvision.transforms import v2
 from tqdm import tqdm
 
-from alexnet_mp.errors import PeerLostError, UserError, collective_failed, peer_errors
+from alexnet_mp.errors import PeerLostError, UserError, collective_failed, count, peer_errors
 from alexnet_mp.guard import StepGuard, StepSync
 from alexnet_mp.optim import step_unless
 from alexnet_mp.prefetch import on_device
@@ -186,8 +186,9 @@ class Window:
             if bad > 0:
                 state.skipped_in_row += 1
                 if o.nonfinite != "skip" or state.skipped_in_row >= o.max_skipped:
-                    why = (f"{state.skipped_in_row} steps in a row were" if o.nonfinite == "skip"
-                           else "the loss or a gradient became")
+                    n = state.skipped_in_row
+                    why = (f"{count(n, 'step')} in a row {'was' if n == 1 else 'were'}"
+                           if o.nonfinite == "skip" else "the loss or a gradient became")
                     raise NonFiniteError(
                         f"{why} NaN or infinite at step {step} (epoch {state.epoch + 1}); no such "
                         "step was applied and the last good checkpoint is kept: lower train.lr "
@@ -304,7 +305,9 @@ def ten_crop_log_probs(model: nn.Module, x: torch.Tensor, crop_size: int,
                        autocast: Callable[[], contextlib.AbstractContextManager]
                        = contextlib.nullcontext, mirror: bool = True) -> torch.Tensor:
     """Log of the softmax averaged over ten views of each image in ``x``: the four corner crops
-    and the centre crop of side ``crop_size``, and their horizontal flips (paper §4.1).
+    and the centre crop of side ``crop_size``, and their horizontal flips (paper §4.1). Without
+    ``mirror`` (a model trained with data.hflip=false never saw a mirrored image) the five
+    crops alone.
 
     One forward pass per view, so memory stays that of a single view; the average is taken in
     log space (logsumexp), so a class whose probability underflows in every view still has a

@@ -36,6 +36,32 @@ def peer_errors(what: str) -> Iterator[None]:
         raise PeerLostError(f"{what} failed: {first}") from exc
 
 
+def count(n: int, noun: str) -> str:
+    """``n`` and ``noun``, plural unless ``n`` is 1: "1 step", "3 steps"."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def lost_peer_line(rank: int, world_size: int, step: int, epoch: int, detail: str,
+                   checkpoints: str, restarts: tuple[int, int] | None = None) -> str:
+    """What a rank says when a peer stopped answering, and what will resume the run.
+
+    ``restarts``: torchrun's (--max-restarts, restarts so far), None when not under torchrun.
+    """
+    who = "the other rank" if world_size == 2 else "a peer rank"
+    text = (f"rank {rank}: {who} stopped answering at step {step} (epoch {epoch}) ({detail}); "
+            f"the newest checkpoint is in {checkpoints}: ")
+    if restarts is None:
+        return text + "restart the same command to resume"
+    most, done = restarts
+    if done < most:
+        return (text + f"torchrun restarts the job and it resumes ({count(most - done, 'restart')}"
+                f" of --max-restarts={most} left)")
+    if most > 0:
+        return text + (f"torchrun's --max-restarts={most} are used up; restart the same command "
+                       "to resume")
+    return text + "restart the same command to resume, or run torchrun with --max-restarts"
+
+
 def collective_failed(exc: BaseException) -> bool:
     """Whether ``exc`` came out of a collective (a dead or silent peer), for failures raised
     where no :func:`peer_errors` can stand around the call alone: the collectives autograd runs

@@ -23,6 +23,7 @@ from torchvision.datasets.folder import find_classes
 
 from alexnet_mp.config import DataConfig
 from alexnet_mp.errors import UserError
+from alexnet_mp.images import open_rgb
 
 
 class UnreadableImage:
@@ -107,7 +108,7 @@ def imagefolder_sets(cfg: DataConfig, test_tf: torch.nn.Module) -> tuple[Dataset
     try:
         # Before the (for ImageNet, long) scan of every file.
         _check_classes(root)
-        return (CheckedImageFolder(str(root / "train")),
-                CheckedImageFolder(str(root / "val"), transform=test_tf))
+        return (CheckedImageFolder(str(root / "train"), loader=open_rgb),
+                CheckedImageFolder(str(root / "val"), transform=test_tf, loader=open_rgb))
     except FileNotFoundError as exc:
         raise UserError(f"data.name=imagefolder: {exc}") from None

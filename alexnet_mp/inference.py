@@ -35,7 +35,8 @@ from alexnet_mp.badimages import count_everywhere, stop_error, take_everywhere
 from alexnet_mp.config import MODELS, Config, load_config
 from alexnet_mp.data import STATS, BatchTransform, build_data
 from alexnet_mp.engine import Precision, evaluate, ten_crop_log_probs
-from alexnet_mp.errors import UserError
+from alexnet_mp.errors import UserError, count
+from alexnet_mp.images import open_image
 from alexnet_mp.loader import make_loader
 from alexnet_mp.models import model_family
 from alexnet_mp.parallel.build import build_model
@@ -49,6 +50,21 @@ TRAINING_ONLY = ("train.amp", "train.channels_last", "train.compile", "data.augm
 # The sections a model is rebuilt from; run and parallel are the new machine's business.
 KEPT_SECTIONS = ("model", "data", "train")
 PREDICT_BATCH = 32
+
+
+def crop_views(ten_crop: bool, mirror: bool) -> str:
+    """How many views judge each image, as the output says it."""
+    if not ten_crop:
+        return "one view"
+    # A model trained without mirroring never saw a mirrored image: its flips would mislead.
+    return "10 crops" if mirror else "5 crops (no mirror: data.hflip=false)"
+
+
+def test_views(cfg: Config) -> str:
+    """What training's start line says of its epoch-end test when it is not one view."""
+    if not cfg.train.ten_crop:
+        return ""
+    return f", tested on {crop_views(True, cfg.data.hflip)}"
 
 
 def scaled_size(image_size: int) -> int:
@@ -148,7 +164,8 @@ def read_checkpoint(path: str | Path, overrides: Sequence[str] = ()
         raise ckpt.CheckpointError(f"checkpoint '{path}' does not exist or is not a file; pass a "
                                    ".pt file written by launch/train.py (RUN_DIR/checkpoints/"
                                    "last.pt, best.pt or step-N.pt)")
-    state = ckpt.load(path)
+    state = ckpt.load(path, remedy="pass an older checkpoint as the checkpoint argument (such "
+                                   "as another step-N.pt beside it)")
     family = state.get("model_name")
     if family not in FAMILIES:
         raise ckpt.CheckpointError(f"checkpoint '{path}' holds a model '{family}' that this "
@@ -246,6 +263,7 @@ def evaluate_checkpoint(loaded: Loaded, *, ten_crop: bool = False,
     start = time.perf_counter()
     result = evaluate(loaded.model, loader, transform, Precision(cfg.train.amp, layout.device),
                       sync=layout.step_sync(), ten_crop=ten_crop, crop_size=size,
+                      mirror=cfg.data.hflip,
                       show_bar=show_bar)
     seconds = time.perf_counter() - start
     group = layout.step_sync().group
@@ -260,7 +278,8 @@ def evaluate_checkpoint(loaded: Loaded, *, ten_crop: bool = False,
         "checkpoint": str(loaded.path), "step": loaded.step, "epochs_done": loaded.epoch,
         "model": cfg.model.name, "data": cfg.data.name, "data_root": cfg.data.root,
         "split": "val" if cfg.data.name == "imagefolder" else "test",
-        "images": result["test_images"], "ten_crop": ten_crop, "image_size": size,
+        "images": result["test_images"], "ten_crop": ten_crop,
+        "views": crop_views(ten_crop, cfg.data.hflip), "image_size": size,
         "scaled_size": scaled_size(size) if ten_crop else None,
         "top1": result["test_acc"], "top5": result["test_top5"],
         "top1_error": 1.0 - result["test_acc"], "top5_error": 1.0 - result["test_top5"],
@@ -322,9 +341,10 @@ def evaluate_to_file(loaded: Loaded, out: Path, **options: Any) -> dict[str, Any
 
 def summary(result: dict[str, Any]) -> str:
     """One line for the console."""
-    views = "10 crops" if result["ten_crop"] else "one view"
-    return (f"{Path(result['checkpoint']).name} (step {result['step']}) on {result['images']} "
-            f"{result['split']} images of {result['data']}, {views}: top-1 {result['top1']:.4f} "
+    views = result.get("views") or crop_views(result["ten_crop"], True)
+    images = count(result["images"], f"{result['split']} image")
+    return (f"{Path(result['checkpoint']).name} (step {result['step']}) on {images} of "
+            f"{result['data']}, {views}: top-1 {result['top1']:.4f} "
             f"(error {100 * result['top1_error']:.2f} %), top-5 {result['top5']:.4f} (error "
             f"{100 * result['top5_error']:.2f} %), loss {result['loss']:.4f}")
 
@@ -376,9 +396,7 @@ def read_image(path: str | Path, info: DataInfo, ten_crop: bool = False) -> torc
         raise UserError(f"image files are read as L (1 channel) or RGB (3), but this model takes "
                         f"{info.in_channels} channels")
     try:
-        with Image.open(path) as img:
-            # convert() decodes the whole file, so a truncated one fails here, not later.
-            img = img.convert("L" if info.in_channels == 1 else "RGB")
+        img = open_image(path, "L" if info.in_channels == 1 else "RGB")
     except Exception as exc:  # PIL raises many types for many kinds of damage
         raise ImageError(f"cannot read image '{path}': {_why(exc)}") from None
     return sample_transform(info, ten_crop)(img)
@@ -387,7 +405,8 @@ def read_image(path: str | Path, info: DataInfo, ten_crop: bool = False) -> torc
 def predict(loaded: Loaded, paths: Sequence[str | Path], top: int = 5,
             ten_crop: bool = False) -> list[dict[str, Any]]:
     """For each image, its ``top`` classes and probabilities, or the reason it was not read;
-    with ``ten_crop`` the softmax averaged over the ten crops, as evaluation's ``--ten-crop``.
+    with ``ten_crop`` the softmax averaged over the ten crops (five for a model trained with
+    data.hflip=false), as evaluation's ``--ten-crop``.
 
     Every rank calls this in lockstep with the same files.
     """
@@ -413,7 +432,8 @@ def predict(loaded: Loaded, paths: Sequence[str | Path], top: int = 5,
         x = torch.cat([transform(img.unsqueeze(0).to(device)) for _, img in chunk])
         with torch.no_grad():
             if ten_crop:
-                probs = ten_crop_log_probs(loaded.model, x, info.image_size).exp()
+                probs = ten_crop_log_probs(loaded.model, x, info.image_size,
+                                           mirror=loaded.config.data.hflip).exp()
             else:
                 probs = F.softmax(loaded.model(x).float(), dim=1)
         values, indices = probs.topk(k, dim=1)

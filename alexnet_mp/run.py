@@ -30,10 +30,10 @@ from alexnet_mp.engine import (
     evaluate,
     train_one_epoch,
 )
-from alexnet_mp.errors import PeerLostError, UserError, peer_errors
+from alexnet_mp.errors import PeerLostError, UserError, count, lost_peer_line, peer_errors
 from alexnet_mp.guard import StepGuard
 from alexnet_mp.host_memory import release_freed_memory
-from alexnet_mp.inference import scaled_size, whole_scaled_images
+from alexnet_mp.inference import scaled_size, test_views, whole_scaled_images
 from alexnet_mp.loader import make_loader, set_epoch
 from alexnet_mp.memory_estimate import check_fits, out_of_memory
 from alexnet_mp.metrics import MetricsLog, append_json, plot_curves
@@ -58,8 +58,10 @@ def make_scheduler(cfg: Config, optimizer: torch.optim.Optimizer):
 class Trainer:
     """Holds what a run builds so that checkpoints can save and restore all of it."""
 
-    def __init__(self, cfg: Config, layout: Layout) -> None:
-        self.cfg, self.layout = cfg, layout
+    def __init__(self, cfg: Config, layout: Layout,
+                 restarts: tuple[int, int] | None = None) -> None:
+        """``restarts``: torchrun's (--max-restarts, restarts so far), None without torchrun."""
+        self.cfg, self.layout, self.restarts = cfg, layout, restarts
         self.out = run_dir(cfg)
         self.ckdir = self.out / "checkpoints"
         self.say = print if layout.is_main else (lambda *a, **k: None)
@@ -73,42 +75,43 @@ class Trainer:
             self._build()
         except UserError as exc:
             error = exc
-        self._agree(error)
+        # A job refused before it trains leaves the disk as it found it.
+        self._agree(error, tidy=True)
         error = None
         try:
             self._resume()
         except UserError as exc:
             error = exc
         except BaseException:
-            self.close()
+            self.close(tidy=True)
             raise
-        self._agree(error)
+        self._agree(error, tidy=True)
 
     def warn(self, text: str) -> None:
         if self.layout.is_main:
             print(f"warning: {text}", file=sys.stderr, flush=True)
 
-    def close(self) -> None:
+    def close(self, tidy: bool = False) -> None:
         if getattr(self, "log", None) is not None:
             self.log.close()
         if self.lock is not None:
-            self.lock.release()
+            self.lock.release(tidy)
             self.lock = None
 
-    def _agree(self, error: UserError | None) -> None:
+    def _agree(self, error: UserError | None, tidy: bool = False) -> None:
         """Every rank raises if any rank failed (the failing rank's line), none hangs."""
         try:
             with peer_errors("agreeing with the other ranks"):
                 self.layout.agree(error)
         except BaseException:
-            self.close()
+            self.close(tidy)
             raise
 
     def _build(self) -> None:
         cfg, layout = self.cfg, self.layout
         check_fits(cfg, layout)  # before anything is allocated or written
         if layout.is_main:
-            self.lock = runfolder.prepare(self.out, self.ckdir)
+            self.lock = runfolder.prepare(self.out, self.ckdir, self.warn)
         self.log = MetricsLog(self.out / "metrics.jsonl", enabled=layout.is_main,
                               tensorboard=self.out if cfg.run.tensorboard else None)
         self.precision = Precision(cfg.train.amp, layout.device,
@@ -162,6 +165,8 @@ class Trainer:
             return None
         if resume == "auto":
             found = ckpt.newest_good(self.ckdir, self.warn)
+            if found is None and ckpt.set_aside_files(self.ckdir):
+                self.warn(ckpt.fresh_start_note(self.ckdir))
         else:
             found = Path(resume), ckpt.load(resume)
         if found is None:
@@ -348,27 +353,28 @@ class Trainer:
             if isinstance(exc.__cause__, torch.OutOfMemoryError):  # inside a collective's wrap
                 raise out_of_memory(self.cfg, self.layout, self.state.global_step + 1,
                                     self.state.epoch + 1) from None
-            raise PeerLostError(
-                f"rank {self.layout.rank}: the other rank stopped answering at step "
-                f"{self.state.global_step + 1} (epoch {self.state.epoch + 1}) ({exc}); the "
-                f"newest checkpoint is in {self.ckdir}: restart the same command to resume, or "
-                "run torchrun with --max-restarts") from None
+            raise PeerLostError(lost_peer_line(
+                self.layout.rank, self.layout.world_size, self.state.global_step + 1,
+                self.state.epoch + 1, str(exc), str(self.ckdir), self.restarts)) from None
         finally:
             guard.uninstall()
             self.close()
 
     def _set_aside_poisoned(self, bad_step: int) -> str:
-        """The parameters that gave a non-finite loss at ``bad_step`` came from the update
-        before it; if this run saved them, they are no checkpoint to resume from: resuming
-        "with a lower rate" would start from the damage. Older checkpoints are never touched,
-        so bad data at a fixed batch cannot walk resume back through the whole history."""
-        path = self.ckdir / f"step-{bad_step - 1:08d}.pt"
-        if not self.layout.is_main or bad_step - 1 <= self.resumed_step or not path.is_file():
+        """The parameters that gave a non-finite loss at ``bad_step`` came from the update before
+        the first step of its streak (train.nonfinite=skip applies none of the steps between),
+        so every checkpoint written from that update on holds them: resuming "with a lower
+        rate" would start from the damage. A single bad step never touches a checkpoint older
+        than this run, so bad data at a fixed batch cannot walk resume back through the whole
+        history; a streak of several, on as many batches, is the weights' doing, even when it
+        began before a resume (a checkpoint saved mid-streak)."""
+        if not self.layout.is_main:
             return ""
-        ckpt.set_aside(path, "nonfinite")
-        left = ckpt.step_files(self.ckdir)
-        return (f"; '{path.name}' (the weights that gave it) was renamed *.nonfinite, so a "
-                f"resumed run starts from {left[0].name if left else 'scratch'}")
+        streak = max(self.state.skipped_in_row, 1)
+        first_bad = bad_step - streak + 1
+        start = first_bad - 1 if streak > 1 else max(first_bad - 1, self.resumed_step + 1)
+        moved = ckpt.set_aside_from(self.ckdir, start, "nonfinite")
+        return ckpt.poisoned_line(self.ckdir, moved, self.cfg.train.resume)
 
     def _stopped(self, guard: StepGuard, saved: bool) -> dict:
         if not saved:
@@ -421,7 +427,7 @@ class Trainer:
         self.say(f"{cfg.model.name} ({layout.name}, {layout.world_size} rank(s), "
                  f"{layout.device.type}) on {cfg.data.name}: {len(self.train_loader.dataset)} "
                  f"train / {len(self.test_loader.dataset)} test images at "
-                 f"{cfg.data.image_size}px; run folder {self.out}", flush=True)
+                 f"{cfg.data.image_size}px{test_views(cfg)}; run folder {self.out}", flush=True)
         every, max_steps = cfg.run.checkpoint_every, cfg.train.max_steps
         result: dict = {}
         start = time.perf_counter()
@@ -496,6 +502,13 @@ class Trainer:
                 return self._stopped(guard, saved=True)
         if result:
             self.say(f"done: test accuracy {result['test_acc']:.4f} after "
-                     f"{self.state.global_step} steps in {time.perf_counter() - start:.0f} s; "
-                     f"run folder {self.out}", flush=True)
+                     f"{count(self.state.global_step, 'step')} in "
+                     f"{time.perf_counter() - start:.0f} s; run folder {self.out}", flush=True)
+        else:  # a finished run run again
+            by_steps = max_steps is not None and self.state.global_step >= max_steps
+            limit = (f"train.max_steps={max_steps}" if by_steps
+                     else f"train.epochs={cfg.train.epochs}")
+            self.say(f"done: nothing left to train at step {self.state.global_step} "
+                     f"({count(self.state.epoch, 'epoch')} done), which {limit} allows; raise it "
+                     f"to train on; run folder {self.out}", flush=True)
         return result

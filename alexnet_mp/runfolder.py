@@ -11,9 +11,11 @@ import fcntl
 import os
 import shutil
 import socket
+from collections.abc import Callable
 from pathlib import Path
 
-from alexnet_mp.errors import UserError
+from alexnet_mp.checkpoint import remove_temporaries
+from alexnet_mp.errors import UserError, count
 
 LOCK_NAME = ".lock"
 
@@ -29,6 +31,8 @@ class RunFolderLock:
     def __init__(self, folder: Path) -> None:
         self.path = folder / LOCK_NAME
         self.fd: int | None = None
+        # What this job created, deepest first, so that a refusal can leave the disk as it was.
+        self.created: list[Path] = []
 
     def acquire(self) -> None:
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -47,7 +51,18 @@ class RunFolderLock:
     def __del__(self) -> None:
         self.release()
 
-    def release(self) -> None:
+    def release(self, tidy: bool = False) -> None:
+        """Drop the lock; with ``tidy`` (a job refused before it trained) also remove the lock
+        file and the folders this job created, where they are still empty."""
+        if tidy and self.fd is not None:
+            # Removed while still held: a job that opened it meanwhile fails to lock it and says
+            # the folder is in use, which it was.
+            for path in self.created:
+                with contextlib.suppress(OSError):  # a folder no longer empty stays
+                    if path == self.path:
+                        path.unlink()
+                    else:
+                        path.rmdir()
         if self.fd is not None:
             with contextlib.suppress(OSError):
                 fcntl.flock(self.fd, fcntl.LOCK_UN)
@@ -55,16 +70,25 @@ class RunFolderLock:
             self.fd = None
 
 
-def prepare(folder: Path, checkpoints: Path) -> RunFolderLock:
-    """Create the folders, take the lock and prove that checkpoints can be written there."""
+def prepare(folder: Path, checkpoints: Path,
+            warn: Callable[[str], None] = lambda text: None) -> RunFolderLock:
+    """Create the folders, take the lock, prove that checkpoints can be written there and
+    remove what an interrupted save left (safe only now, under the lock)."""
+    missing = []
+    path = checkpoints
+    while not path.exists() and path != path.parent:
+        missing.append(path)
+        path = path.parent
     try:
         checkpoints.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UserError(f"run folder '{folder}' is not writable ({exc.strerror}); set run.dir "
                         "to a folder you can write") from None
     lock = RunFolderLock(folder)
+    new_lock = not lock.path.exists()
     try:
         lock.acquire()
+        lock.created = ([lock.path] if new_lock else []) + missing
         probe = checkpoints / ".write-test"
         probe.write_bytes(b"ok")
         probe.unlink()
@@ -72,6 +96,12 @@ def prepare(folder: Path, checkpoints: Path) -> RunFolderLock:
         lock.release()
         raise UserError(f"checkpoint folder '{checkpoints}' is not writable ({exc.strerror}); "
                         "set run.dir to a folder you can write") from None
+    removed = remove_temporaries(checkpoints)
+    if removed:
+        size = sum(n for _, n in removed) / 2**20
+        warn(f"removed {count(len(removed), 'unfinished checkpoint file')} ({removed[0][0]}"
+             f"{', ...' if len(removed) > 1 else ''}; {size:.1f} MiB) that an interrupted save "
+             f"left in '{checkpoints}'")
     return lock
 
 

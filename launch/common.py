@@ -49,6 +49,19 @@ def layout_from_env(cfg: Config, model_name: str) -> Layout:
     return layout
 
 
+def restarts_from_env() -> tuple[int, int] | None:
+    """torchrun's (--max-restarts, restarts so far), which it gives its workers; None without
+    torchrun."""
+    env = os.environ
+    if "TORCHELASTIC_MAX_RESTARTS" not in env:
+        return None
+    try:
+        return (int(env["TORCHELASTIC_MAX_RESTARTS"]),
+                int(env.get("TORCHELASTIC_RESTART_COUNT", 0)))
+    except ValueError:
+        return None
+
+
 def report(exc: UserError) -> int:
     """One line on stderr (rank 0, the rank whose group broke, or the rank that alone knows of
     its error: a bad launch variable, a rendezvous not all came to, a device out of memory);
@@ -64,9 +77,9 @@ def report(exc: UserError) -> int:
 
 
 def _guarded(body: Callable[[Callable[[Config, str], Layout]], int | None],
-             interrupted: str) -> int:
+             interrupted: Callable[[], str]) -> int:
     """``body(open_layout)`` with what every entry point owes its user: bad input is one line and
-    its exit code, Ctrl-C is 130 with ``interrupted`` said, and the process group
+    its exit code, Ctrl-C is 130 with ``interrupted()`` said, and the process group
     ``open_layout(cfg, model_name)`` started is closed, on failure too."""
     opened: list[Layout] = []
 
@@ -79,24 +92,38 @@ def _guarded(body: Callable[[Callable[[Config, str], Layout]], int | None],
     except UserError as exc:
         return report(exc)
     except KeyboardInterrupt:
-        print(interrupted, file=sys.stderr, flush=True)
+        print(interrupted(), file=sys.stderr, flush=True)
         return 130
     finally:
         for layout in opened:
             layout.close()
 
 
+def training_interrupted(cfg: Config) -> str:
+    """What a second Ctrl-C during training leaves: the checkpoint a rerun resumes from, named
+    by the rank that writes them."""
+    if env_rank() != 0:
+        return "interrupted"
+    from alexnet_mp.checkpoint import newest_line
+    from alexnet_mp.config import run_dir
+
+    return f"interrupted; {newest_line(run_dir(cfg) / 'checkpoints')}"
+
+
 def run_entry(args: argparse.Namespace,
-              body: Callable[[Config, Callable[[str], Layout]], int | None]) -> int:
+              body: Callable[[Config, Callable[[str], Layout]], int | None],
+              interrupted: Callable[[Config], str] | None = None) -> int:
     """Config from the command line, then ``body(cfg, open_layout)``, whose result is the exit
-    code (None: 0); see :func:`_guarded`."""
+    code (None: 0); see :func:`_guarded`. ``interrupted(cfg)`` is said on Ctrl-C."""
+    read: list[Config] = []
 
     def with_config(open_layout: Callable[[Config, str], Layout]) -> int | None:
-        cfg = config_from_args(args)
+        read.append(config_from_args(args))
+        cfg = read[0]
         return body(cfg, lambda model_name: open_layout(cfg, model_name))
 
-    # A second Ctrl-C during training: no checkpoint beyond the last one written.
-    return _guarded(with_config, "interrupted; the newest checkpoint is the last one written")
+    return _guarded(with_config, lambda: interrupted(read[0]) if interrupted and read
+                    else "interrupted")
 
 
 def run_checkpoint_entry(body: Callable[[Callable[[Config], Layout]], int | None]) -> int:
@@ -105,4 +132,4 @@ def run_checkpoint_entry(body: Callable[[Callable[[Config], Layout]], int | None
     for the model ``cfg`` names (torchrun's variables, or one process); see :func:`_guarded`."""
     # Nothing is written before the end, so an interrupted evaluation leaves nothing half done.
     return _guarded(lambda open_layout: body(lambda cfg: open_layout(cfg, cfg.model.name)),
-                    "interrupted")
+                    lambda: "interrupted")

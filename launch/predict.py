@@ -57,6 +57,9 @@ def main(argv: list[str] | None = None) -> int:
             return SOME_IMAGES_FAILED if failed else 0
         for note in loaded.notes:
             print(f"warning: {note}", file=sys.stderr, flush=True)
+        views = inference.crop_views(args.ten_crop, loaded.config.data.hflip)
+        if args.ten_crop and not args.json:
+            print(f"each image judged by {views}", file=sys.stderr, flush=True)
         try:
             for r in results:
                 if "error" in r:
@@ -65,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
                     print(inference.format_predictions([r]), flush=True)
             if args.json:
                 print(json.dumps({"checkpoint": str(loaded.path), "step": loaded.step,
-                                  "ten_crop": args.ten_crop, "results": results}, indent=2),
+                                  "ten_crop": args.ten_crop, "views": views,
+                                  "results": results}, indent=2),
                       flush=True)
         except BrokenPipeError:  # `predict.py ... | head`: the reader has what it wanted
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # a fresh clone runs without `pip install -e .` too
     sys.path.insert(0, str(ROOT))
 
-from launch.common import run_entry  # noqa: E402
+from launch.common import restarts_from_env, run_entry, training_interrupted  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -41,9 +41,10 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         from alexnet_mp.run import Trainer
 
-        return Trainer(cfg, open_layout(cfg.model.name)).run().get("exit_code", 0)
+        return Trainer(cfg, open_layout(cfg.model.name),
+                       restarts=restarts_from_env()).run().get("exit_code", 0)
 
-    return run_entry(args, body)
+    return run_entry(args, body, interrupted=training_interrupted)
 
 
 if __name__ == "__main__":

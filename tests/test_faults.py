@@ -18,6 +18,7 @@ from ranks import free_port
 from alexnet_mp import checkpoint as ckpt
 from alexnet_mp.config import load_config
 from alexnet_mp.engine import NonFiniteError
+from alexnet_mp.errors import UserError
 from alexnet_mp.parallel.layout import setup_layout
 from alexnet_mp.run import Trainer
 
@@ -103,7 +104,8 @@ def test_nan_stops_before_the_bad_step_and_sets_its_cause_aside(idx_root, tmp_pa
     bad_step = int(line.split("at step ")[1].split()[0])
     assert bad_step >= 5
     # The weights that gave the bad step came from the update before it: set aside.
-    assert f"'step-{bad_step - 1:08d}.pt' (the weights that gave it) was renamed" in line
+    assert (f"1 checkpoint holding the weights that gave it (step-{bad_step - 1:08d}.pt) was "
+            "renamed *.nonfinite; a rerun resumes from step-" in line)
     assert (run / "checkpoints" / f"step-{bad_step - 1:08d}.pt.nonfinite").is_file()
     newest = ckpt.load(run / "checkpoints" / "last.pt")
     assert newest["train"]["global_step"] == bad_step - 2
@@ -131,6 +133,31 @@ def test_resume_skips_a_damaged_newest_checkpoint(idx_root, tmp_path, damage, ca
     resumed = _trainer(idx_root, run, **{"run.checkpoint_every": 2, "run.keep_checkpoints": 3})
     assert resumed.state.global_step == ckpt.load(previous)["train"]["global_step"] == 4
     assert newest.name in capsys.readouterr().err
+
+
+def test_every_checkpoint_damaged_counts_files_not_links_and_a_rerun_says_it_starts_over(
+        idx_root, tmp_path, capsys):
+    run = tmp_path / "r"
+    folder = run / "checkpoints"
+    _trainer(idx_root, run, **{"run.checkpoint_every": 4, "train.max_steps": 6}).run()
+    files = ckpt.step_files(folder)  # steps 6 and 4; last.pt and best.pt link to step 6
+    assert len(files) == 2 and os.path.samefile(folder / "best.pt", files[0])
+    for path in files:
+        path.write_bytes(path.read_bytes()[:1000])  # damages the links' file too
+    with pytest.raises(UserError) as failed:
+        _trainer(idx_root, run, **{"train.max_steps": 6})
+    assert (f"no usable checkpoint in '{folder}': all 2 are damaged (renamed *.damaged and kept "
+            "for inspection); the same command now starts from the beginning") in str(failed.value)
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "step-00000004.pt.damaged", "step-00000006.pt.damaged"]
+    skipped = [x for x in capsys.readouterr().err.splitlines() if "skipping" in x]
+    assert len(skipped) == 2 and all(x.endswith("it is set aside and an older one tried")
+                                     for x in skipped), skipped
+    rerun = _trainer(idx_root, run, **{"train.max_steps": 6})
+    assert rerun.resumed_from is None
+    assert (f"warning: starting from the beginning: every checkpoint in '{folder}' was set aside "
+            "(2 *.damaged, kept for inspection)") in capsys.readouterr().err
+    rerun.close()
 
 
 def test_a_kill_during_a_checkpoint_write_leaves_the_previous_one(tmp_path):
@@ -182,6 +209,70 @@ def test_lowering_the_rate_after_a_blow_up_resumes_from_good_weights(idx_root, t
     assert resumed.state.global_step == 12
     final = ckpt.load(run / "checkpoints" / "last.pt")["model"]
     assert all(torch.isfinite(t).all() for t in final.values())
+
+
+@pytest.mark.parametrize("start", ["scratch", "resumed"])
+def test_a_run_diverged_under_skip_recovers_with_a_lower_rate_and_no_file_touched(
+        idx_root, tmp_path, start):
+    """train.nonfinite=skip and a rate that blows the weights up at once: the steps after it are
+    skipped, but the epoch-end checkpoints (and best.pt, a hard link to one) hold the finite,
+    enormous weights that gave every NaN. They are set aside with their links, the line says
+    where a rerun starts, and the rerun with train.lr=0.01 starts there and trains to the end."""
+    run = tmp_path / "r"
+    folder = run / "checkpoints"
+    base = {"train.epochs": 3}
+    if start == "resumed":
+        _trainer(idx_root, run, **base, **{"train.max_steps": 6}).run()  # a good epoch
+    with pytest.raises(NonFiniteError) as failed:
+        _trainer(idx_root, run, **base, **{"train.lr": 1e12, "train.nonfinite": "skip",
+                                           "train.max_skipped": 8}).run()
+    line = str(failed.value)
+    assert "8 steps in a row were NaN or infinite" in line
+    poisoned = "step-00000006.pt" if start == "scratch" else "step-00000012.pt"
+    assert f"1 checkpoint holding the weights that gave it ({poisoned}) was renamed" in line
+    assert (folder / f"{poisoned}.nonfinite").is_file()
+    assert not (folder / "best.pt").exists() or not os.path.samefile(
+        folder / "best.pt", folder / f"{poisoned}.nonfinite")
+    if start == "scratch":
+        assert line.endswith("; a rerun starts from the beginning (no good checkpoint is left)")
+        assert ckpt.candidates(folder) == []
+    else:
+        assert line.endswith("; a rerun resumes from step-00000006.pt (step 6)")
+    rerun = _trainer(idx_root, run, **base, **{"train.lr": 0.01, "train.nonfinite": "skip",
+                                               "train.max_skipped": 8})
+    if start == "scratch":
+        assert rerun.resumed_from is None
+    else:
+        assert rerun.resumed_from == folder / "step-00000006.pt"
+    rerun.run()
+    assert rerun.state.global_step == 18 and rerun.state.epoch == 3
+    final = ckpt.load(folder / "last.pt")["model"]
+    assert all(torch.isfinite(t).all() for t in final.values())
+
+
+def test_a_skip_streak_saved_before_a_resume_is_set_aside_too(idx_root, tmp_path):
+    """A diverging run ends (train.max_steps, or a stop) in the middle of a streak of skipped
+    steps, so its last checkpoints hold the weights that gave them. The next run, with a lower
+    rate, meets NaN from its first step: those checkpoints, though older than it, go aside, and
+    the one after that resumes from the last good weights."""
+    run = tmp_path / "r"
+    folder = run / "checkpoints"
+    base = {"train.epochs": 3, "run.checkpoint_every": 2, "train.nonfinite": "skip"}
+    _trainer(idx_root, run, **base, **{"train.max_steps": 6}).run()
+    _trainer(idx_root, run, **base, **{"train.max_steps": 12, "train.lr": 1e12,
+                                       "train.max_skipped": 100}).run()
+    assert ckpt.load(folder / "last.pt")["train"]["skipped_in_row"] == 5  # steps 8 to 12
+    lower = {"train.lr": 0.01, "train.max_skipped": 3}
+    with pytest.raises(NonFiniteError) as failed:
+        _trainer(idx_root, run, **base, **lower).run()
+    # Pruning kept steps 10 and 12; best.pt still holds epoch 1's step 6.
+    assert ("2 checkpoints holding the weights that gave it (step-00000010.pt, "
+            "step-00000012.pt) were renamed *.nonfinite; a rerun resumes from best.pt (step 6)"
+            ) in str(failed.value)
+    rerun = _trainer(idx_root, run, **base, **lower)
+    assert rerun.resumed_from == folder / "best.pt"
+    rerun.run()
+    assert rerun.state.global_step == 18
 
 
 def test_a_checkpoint_with_non_finite_weights_is_skipped_on_resume(idx_root, tmp_path, capsys):
@@ -319,3 +410,151 @@ def test_an_epoch_cut_short_never_becomes_best(idx_root, tmp_path):
     cut.run()
     assert cut.state.step == 3
     assert ckpt.load(best)["train"]["global_step"] == 6
+
+
+BLOCKING_SAVE = """
+import os, signal, sys, time
+from pathlib import Path
+sys.path.insert(0, sys.argv[1])
+real, marker, step = os.fsync, Path(sys.argv[2]), sys.argv[3]
+
+
+def fsync(fd):
+    # The save of checkpoint `step` hangs once its temporary file is whole, as on a slow disk,
+    # and says when the first Ctrl-C has been taken as a stop request.
+    if os.readlink(f"/proc/self/fd/{fd}").endswith(f".step-{step}.pt.tmp"):
+        marker.write_text("writing")
+        while True:
+            guard = getattr(signal.getsignal(signal.SIGINT), "__self__", None)
+            if guard is not None and guard.stop_requested:
+                marker.write_text("stop requested")
+            time.sleep(0.05)
+    real(fd)
+
+
+os.fsync = fsync
+from launch.train import main
+sys.exit(main(sys.argv[4:]))
+"""
+
+
+def _ctrl_c_twice_during_a_save(idx_root, run: Path, step: int) -> subprocess.CompletedProcess:
+    """Ctrl-C pressed twice (to the whole process group, as a terminal sends it) while the save
+    of step ``step`` is writing: the first asks to stop, the second interrupts."""
+    marker = run.parent / "writing"
+    args = small_overrides(idx_root, run, **{"run.checkpoint_every": 2, "train.epochs": 5})
+    proc = subprocess.Popen([sys.executable, "-c", BLOCKING_SAVE, str(ROOT), str(marker),
+                             f"{step:08d}", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        wait_for(marker.exists, timeout=240, what="the save to start")
+        os.killpg(proc.pid, signal.SIGINT)
+        wait_for(lambda: marker.read_text() == "stop requested", what="the first Ctrl-C")
+        os.killpg(proc.pid, signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+@pytest.mark.parametrize("step", [4, 2])
+def test_a_second_ctrl_c_during_a_save_names_the_true_newest_checkpoint(idx_root, tmp_path,
+                                                                        step):
+    run = tmp_path / "r"
+    proc = _ctrl_c_twice_during_a_save(idx_root, run, step)
+    assert proc.returncode == 130, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    folder = run / "checkpoints"
+    if step == 4:
+        assert last == (f"interrupted; the newest checkpoint is '{folder / 'step-00000002.pt'}': "
+                        "run the same command to resume from it")
+    else:
+        assert last == (f"interrupted; no checkpoint was written to '{folder}' yet, so the same "
+                        "command starts from the beginning")
+    assert not [p.name for p in folder.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_what_a_killed_save_left_is_removed_at_start_and_nothing_else(idx_root, tmp_path,
+                                                                     capsys):
+    run = tmp_path / "r"
+    folder = run / "checkpoints"
+    folder.mkdir(parents=True)
+    ours = [".step-00000004.pt.tmp", ".last.pt.tmp", ".best.pt.tmp"]
+    others = ["step-00000004.pt.tmp", ".notes.tmp", ".step-4.pt.tmp", "keep.txt"]
+    for name in ours + others:
+        (folder / name).write_bytes(b"x" * (1 << 20))
+    # Another job holding the folder: nothing is touched, its save may be in flight.
+    from alexnet_mp.runfolder import RunFolderLock
+
+    holder = RunFolderLock(run)
+    holder.acquire()
+    with pytest.raises(UserError, match="in use by another job"):
+        _trainer(idx_root, run, **{"train.max_steps": 1})
+    assert all((folder / name).is_file() for name in ours)
+    holder.release()
+    capsys.readouterr()
+    trainer = _trainer(idx_root, run, **{"train.max_steps": 1})
+    trainer.close()
+    assert sorted(p.name for p in folder.iterdir()) == sorted(others)
+    err = capsys.readouterr().err
+    assert "removed 3 unfinished checkpoint files (.best.pt.tmp, ...; 3.0 MiB)" in err
+
+
+def _rank_1_dies_at_its_first_save(rank: int) -> None:
+    """Rank 1 is killed (as by the OOM killer) as the first checkpoint's agreement begins."""
+    if rank == 1:
+        def die(model):
+            os._exit(9)
+
+        ckpt.nonfinite_parameters = die
+
+
+def test_a_peer_lost_mid_run_is_not_reported_as_a_start_up_failure(idx_root, tmp_path, capfd):
+    args = small_overrides(idx_root, tmp_path / "r", **{
+        "model.name": "alexnet_columns", "train.max_steps": 4, "run.checkpoint_every": 2,
+        "run.timeout_s": 30, "run.save_timeout_s": 30})
+    assert _two_ranks(args, _rank_1_dies_at_its_first_save) == [3, 9]
+    line = [x for x in capfd.readouterr().err.splitlines() if x.startswith("error: rank 0")]
+    assert line and "rank 0: the other rank stopped answering at step 3" in line[0], line
+    assert "agreeing with the other ranks failed" in line[0] and "startup" not in line[0]
+    assert line[0].endswith("restart the same command to resume")  # not under torchrun
+
+
+def test_the_lost_peer_line_names_the_ranks_and_the_restarts_left():
+    from alexnet_mp.errors import lost_peer_line
+
+    def line(world: int, restarts) -> str:
+        return lost_peer_line(0, world, 7, 2, "the backward pass failed: x", "run/checkpoints",
+                              restarts)
+
+    assert line(2, None).startswith("rank 0: the other rank stopped answering at step 7 (epoch "
+                                    "2) (the backward pass failed: x); the newest checkpoint is "
+                                    "in run/checkpoints: ")
+    assert "a peer rank stopped answering" in line(4, None) and "other rank" not in line(4, None)
+    assert line(2, (0, 0)).endswith("restart the same command to resume, or run torchrun with "
+                                    "--max-restarts")
+    assert line(2, (3, 1)).endswith("torchrun restarts the job and it resumes (2 restarts of "
+                                    "--max-restarts=3 left)")
+    assert line(2, (3, 2)).endswith("(1 restart of --max-restarts=3 left)")
+    assert line(2, (3, 3)).endswith("torchrun's --max-restarts=3 are used up; restart the same "
+                                    "command to resume")
+
+
+def test_torchrun_tells_its_workers_the_restarts(monkeypatch):
+    sys.path.insert(0, str(ROOT))
+    from launch.common import restarts_from_env
+
+    monkeypatch.delenv("TORCHELASTIC_MAX_RESTARTS", raising=False)
+    assert restarts_from_env() is None
+    monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "3")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    assert restarts_from_env() == (3, 1)
+
+
+def test_plurals_are_counted():
+    from alexnet_mp.errors import count
+
+    assert [count(n, "step") for n in (0, 1, 2)] == ["0 steps", "1 step", "2 steps"]

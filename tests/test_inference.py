@@ -291,3 +291,64 @@ def test_the_epoch_end_evaluation_can_judge_by_ten_crops(trained, tmp_path):
     assert (ten["images"], ten["top1"], ten["top5"]) == (9, epoch["test_acc"],
                                                           epoch["test_top5"])
     assert ten["loss"] == pytest.approx(epoch["test_loss"], rel=1e-5)
+
+
+def test_five_crops_without_mirroring_equal_five_crops_cut_by_hand():
+    torch.manual_seed(0)
+    cfg = ModelConfig(name="alexnet_grouped", num_classes=7, in_channels=1, width=0.125,
+                      init="xavier")
+    model = build_model(cfg, 67, "cpu", seed=0).eval()
+    big = BatchTransform(76, (0.13,), (0.31,))(torch.randint(0, 256, (3, 1, 28, 28),
+                                                             dtype=torch.uint8))
+    s, c = 67, 4
+    crops = [big[..., :s, :s], big[..., :s, 76 - s:], big[..., 76 - s:, :s],
+             big[..., 76 - s:, 76 - s:], big[..., c:c + s, c:c + s]]
+    with torch.no_grad():
+        probs = torch.stack([F.softmax(model(crop), dim=1) for crop in crops]).mean(0)
+        five = ten_crop_log_probs(model, big, s, mirror=False).exp()
+        ten = ten_crop_log_probs(model, big, s).exp()
+    torch.testing.assert_close(five, probs, rtol=1e-5, atol=1e-7)
+    assert not torch.allclose(ten, probs, atol=1e-5)  # the mirrored views do count otherwise
+
+
+def test_a_model_trained_without_mirroring_is_tested_on_five_crops(tmp_path, capsys):
+    """data.hflip=false: training's epoch-end ten_crop test, evaluate.py --ten-crop and
+    predict.py --ten-crop leave the mirrored views out, and say so."""
+    root = write_folder(tmp_path / "images", val_per_class=2)
+    run = tmp_path / "run"
+    assert train_cli.main([*train_args(root, run), "train.ten_crop=true",
+                           "data.hflip=false"]) == 0
+    assert "tested on 5 crops (no mirror: data.hflip=false)" in capsys.readouterr().out
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    epoch = [r for r in records if r.get("kind") == "epoch"][-1]
+    checkpoint = run / "checkpoints" / "last.pt"
+    out = tmp_path / "five.json"
+    assert evaluate_cli.main([str(checkpoint), "--ten-crop", "--out", str(out), *QUIET]) == 0
+    assert "5 crops (no mirror: data.hflip=false)" in capsys.readouterr().out
+    five = json.loads(out.read_text())
+    assert five["views"] == "5 crops (no mirror: data.hflip=false)"
+    assert five["loss"] == pytest.approx(epoch["test_loss"], rel=1e-5)
+    # The same weights judged with the mirrored views too: another figure.
+    assert evaluate_cli.main([str(checkpoint), "--ten-crop", "--out", str(out),
+                              "data.hflip=true", *QUIET]) == 0
+    ten = json.loads(out.read_text())
+    assert ten["views"] == "10 crops" and ten["loss"] != pytest.approx(five["loss"], rel=1e-6)
+    capsys.readouterr()
+    image = root / "val" / "green" / "0.png"
+    assert predict_cli.main([str(checkpoint), str(image), "--json", "--ten-crop"]) == 0
+    assert json.loads(capsys.readouterr().out)["views"].startswith("5 crops (no mirror")
+
+
+def test_a_truncated_checkpoint_is_refused_with_advice_for_this_command(tmp_path, capsys):
+    path = tmp_path / "step-00000004.pt"
+    ckpt.save_atomic({"format": ckpt.FORMAT, "model": {"w": torch.ones(1000)}}, path)
+    path.write_bytes(path.read_bytes()[:2000])
+    image = tmp_path / "x.png"
+    Image.new("RGB", (8, 8)).save(image)
+    for main, args in ((evaluate_cli.main, [str(path), *QUIET]),
+                       (predict_cli.main, [str(path), str(image)])):
+        assert main(args) == 2
+        line = one_error_line(capsys.readouterr().err)
+        assert "is unreadable or truncated" in line and "train.resume" not in line
+        assert line.endswith("pass an older checkpoint as the checkpoint argument (such as "
+                             "another step-N.pt beside it)")

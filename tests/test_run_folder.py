@@ -81,13 +81,13 @@ def test_too_little_room_for_checkpoints_is_named_at_start(idx_root, tmp_path):
     proc = _in_small_disk(disk, "4m", f"""
         {shlex.quote(sys.executable)} {SCRIPT} {_args(idx_root, disk / "run")} 2>{out}/err
         echo $? > {out}/rc
-        ls -A {shlex.quote(str(disk / "run" / "checkpoints"))} > {out}/files
+        ls -A {shlex.quote(str(disk))} > {out}/files
     """)
     assert proc.returncode == 0, proc.stderr
     err = (out / "err").read_text()
     assert (out / "rc").read_text().strip() == "2", err
     assert "checkpoints (run.keep_checkpoints + 1) need about" in _error_lines(err)[0]
-    assert (out / "files").read_text().strip() == ""
+    assert (out / "files").read_text().strip() == ""  # not even the run folder and its .lock
 
 
 @needs_mount
@@ -168,3 +168,52 @@ def test_a_second_job_on_a_busy_run_folder_gets_one_line(idx_root, tmp_path):
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+def _in_process_trainer(data_root: Path, run: Path, **extra):
+    from alexnet_mp.config import load_config
+    from alexnet_mp.parallel.layout import setup_layout
+    from alexnet_mp.run import Trainer
+
+    cfg = load_config(None, small_overrides(data_root, run, **extra))
+    return Trainer(cfg, setup_layout(cfg.model.name, threads=1))
+
+
+@pytest.mark.parametrize("refusal", ["no data", "eval_only without a checkpoint"])
+def test_a_refusal_before_training_leaves_the_disk_as_it_was(idx_root, tmp_path, refusal):
+    from alexnet_mp.errors import UserError
+
+    parent = tmp_path / "runs"
+    run = parent / "r"
+    extra = ({"data.root": str(tmp_path / "nowhere"), "data.download": False}
+             if refusal == "no data" else {"train.eval_only": True})
+    with pytest.raises(UserError):
+        _in_process_trainer(idx_root, run, **extra)
+    assert not parent.exists()  # no .lock, no empty checkpoints/, no folders made for them
+
+
+def test_a_refusal_in_a_used_run_folder_keeps_what_was_there(idx_root, tmp_path):
+    from alexnet_mp.errors import UserError
+
+    run = tmp_path / "r"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / ".lock").write_text("")
+    (run / "notes.txt").write_text("mine")
+    with pytest.raises(UserError):
+        _in_process_trainer(idx_root, run, **{"train.eval_only": True})
+    assert sorted(p.name for p in run.iterdir()) == [".lock", "checkpoints", "notes.txt"]
+
+
+def test_rerunning_a_finished_run_says_it_is_done(idx_root, tmp_path):
+    run = tmp_path / "r"
+    args = small_overrides(idx_root, run, **{"train.max_steps": 1})
+    first = subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True,
+                           timeout=240)
+    assert first.returncode == 0, first.stderr
+    assert "done: test accuracy" in first.stdout and "after 1 step in" in first.stdout
+    again = subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True,
+                           timeout=240)
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.strip().splitlines()[-1] == (
+        "done: nothing left to train at step 1 (0 epochs done), which train.max_steps=1 "
+        f"allows; raise it to train on; run folder {run}")

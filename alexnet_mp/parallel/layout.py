@@ -198,7 +198,7 @@ class Layout:
                 raise error
             return
         messages: list[str | None] = [None] * self.world_size
-        with peer_errors("agreeing at startup"):
+        with peer_errors("agreeing with the other ranks"):
             dist.all_gather_object(messages, None if error is None else str(error))
         for rank, message in enumerate(messages):
             if message is not None:
