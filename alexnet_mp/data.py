@@ -66,7 +66,11 @@ class SeededTransform(Dataset):
             return img, target
         key = f"{self.seed}:{self.epoch}:{index}".encode()
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int.from_bytes(hashlib.blake2b(key, digest_size=8).digest()) >> 1)
+            # The CPU generator alone, which is what the transforms draw from: torch.manual_seed
+            # also queues a seed for every lazily started accelerator, recording a stack trace
+            # each time, which cost more than reading a prepared image.
+            torch.default_generator.manual_seed(
+                int.from_bytes(hashlib.blake2b(key, digest_size=8).digest()) >> 1)
             return self.transform(img), target
 
 

@@ -189,7 +189,7 @@ class Batches:
                 device)
             return
         data = build_data(cfg.data, num_classes=cfg.model.num_classes, in_channels=c,
-                          seed=cfg.train.seed)
+                          seed=cfg.train.seed, device=device)
         # A share trimmed by the agreement is shorter on every rank alike, so all skip it.
         self.loader = agreed(make_loader(data.train, batch_size=local_batch, shuffle=True,
                                          seed=cfg.train.seed, num_workers=cfg.data.num_workers,
