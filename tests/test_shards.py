@@ -285,3 +285,19 @@ def test_a_loader_worker_pickles_no_open_file(prepared):
     assert data._fds
     clone = pickle.loads(pickle.dumps(data))
     assert clone._fds == {} and torch.equal(clone[0][0].image, data[0][0].image)
+
+
+def test_loader_workers_hand_over_the_same_batches(prepared):
+    """Bytes from two worker processes, transformed in this one, equal the in-process path."""
+    _, out = prepared
+    data = build_data(data_cfg("shards", out, augment=True), num_classes=3, in_channels=3,
+                      seed=1, device="cuda")  # only decides that the loader hands over bytes
+    transform = BatchTransform(SIZE, data.mean, data.std)
+    batches = []
+    for workers in (0, 2):
+        loader = make_loader(data.train, batch_size=8, shuffle=True, seed=1,
+                             num_workers=workers, pin_memory=False)
+        set_epoch(loader, 2)
+        batches.append(torch.cat([transform(x.to("cpu")) for x, _ in loader]))
+    assert batches[0].shape == (24, 3, SIZE, SIZE)
+    assert torch.equal(batches[0], batches[1])
