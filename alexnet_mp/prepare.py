@@ -258,6 +258,12 @@ def _finish(out: Path, manifest: dict[str, Any], say: Callable[[str], None]) -> 
     manifest["unreadable"] = unreadable
     manifest["complete"] = True
     _write_manifest(out, manifest)
+    for split in SPLITS:  # shards of an earlier conversion with more of them
+        listed = {name for s in manifest["splits"][split]["shards"]
+                  for name in (s["file"], s["sidecar"])}
+        for stale in (out / split).glob("shard-*"):
+            if stale.name not in listed:
+                stale.unlink(missing_ok=True)
     kept = sum(s["kept"] for e in manifest["splits"].values() for s in e["shards"])
     counts = ", ".join(f"{split} {manifest['splits'][split]['images']} images in "
                        f"{len(manifest['splits'][split]['shards'])} shard(s)" for split in SPLITS)

@@ -301,3 +301,39 @@ def test_loader_workers_hand_over_the_same_batches(prepared):
         batches.append(torch.cat([transform(x.to("cpu")) for x, _ in loader]))
     assert batches[0].shape == (24, 3, SIZE, SIZE)
     assert torch.equal(batches[0], batches[1])
+
+
+def test_a_full_disk_is_one_line_and_the_rerun_finishes(prepared, tmp_path, monkeypatch):
+    import errno
+
+    import alexnet_mp.prepare as prep
+
+    folder, good = prepared
+    real, writes = prep._fsync_write, []
+
+    def full_after_two(path, chunks):
+        writes.append(path)
+        if len(writes) > 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(path, chunks)
+
+    monkeypatch.setattr(prep, "_fsync_write", full_after_two)
+    with pytest.raises(UserError) as err:
+        _prepare(folder, tmp_path / "out")
+    assert "no space left" in str(err.value) and "\n" not in str(err.value)
+    monkeypatch.setattr(prep, "_fsync_write", real)
+    again = _prepare(folder, tmp_path / "out", per_shard=5)
+    assert again["complete"]
+    assert ShardDataset(tmp_path / "out", "val").index.tolist() == ShardDataset(
+        good, "val").index.tolist()
+
+
+def test_fewer_larger_shards_replace_the_old_ones(prepared, tmp_path):
+    folder, _ = prepared
+    out = tmp_path / "out"
+    _prepare(folder, out)
+    assert len(list((out / "train").glob("shard-*.bin"))) == 5
+    _prepare(folder, out, per_shard=100)
+    assert sorted(p.name for p in (out / "train").glob("shard-*")) == ["shard-00000.bin",
+                                                                      "shard-00000.idx"]
+    assert len(ShardDataset(out, "train")) == 24
