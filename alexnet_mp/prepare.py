@@ -20,6 +20,7 @@ import hashlib
 import json
 import multiprocessing
 import os
+import signal
 import zlib
 from collections.abc import Callable
 from pathlib import Path
@@ -134,6 +135,12 @@ def build_shard(task: dict[str, Any]) -> dict[str, Any]:
             "unreadable": unreadable, **where, "kept": False}
 
 
+def _ignore_sigint() -> None:
+    # Ctrl-C reaches the whole process group; the main process ends the workers itself, and a
+    # worker's own KeyboardInterrupt would only print a traceback per worker.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _write_manifest(out: Path, manifest: dict[str, Any]) -> None:
     tmp = out / f".{MANIFEST}.tmp"
     try:
@@ -211,7 +218,8 @@ def prepare(folder: str | Path, out: str | Path, *, per_shard: int = PER_SHARD,
     workers = min(len(tasks), os.cpu_count() or 1) if workers is None else workers
     bar = tqdm(total=total, unit="img", desc="preparing", disable=not show_bar,
                dynamic_ncols=True)
-    pool = multiprocessing.get_context("spawn").Pool(workers) if workers > 0 else None
+    pool = (multiprocessing.get_context("spawn").Pool(workers, initializer=_ignore_sigint)
+            if workers > 0 else None)
     try:
         results = pool.imap_unordered(build_shard, tasks) if pool else map(build_shard, tasks)
         for entry in results:
