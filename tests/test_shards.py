@@ -337,3 +337,19 @@ def test_fewer_larger_shards_replace_the_old_ones(prepared, tmp_path):
     assert sorted(p.name for p in (out / "train").glob("shard-*")) == ["shard-00000.bin",
                                                                       "shard-00000.idx"]
     assert len(ShardDataset(out, "train")) == 24
+
+
+def test_the_input_path_bench_measures_every_arm_on_imagenet_sized_photos(tmp_path):
+    from PIL import Image
+
+    from alexnet_mp.bench.inputs import ARMS, input_path_bench, input_path_markdown
+    from alexnet_mp.config import Config
+
+    result = input_path_bench(Config(), tmp_path, files=16, rounds=1, batch=8, min_seconds=0,
+                              say=lambda s: None)
+    sizes = {Image.open(p).size for p in (tmp_path / "photos" / "train").rglob("*.jpg")}
+    assert sizes <= {(500, 375), (375, 500)} and (500, 375) in sizes
+    assert result["images"] == 16 and all(len(result["rounds"][arm]) == 1 for arm in ARMS)
+    assert all(v > 0 for v in result["median"].values())
+    assert result["storage"]["raw_over_jpeg"] > 1
+    assert "bytes only" in input_path_markdown(result)
