@@ -12,6 +12,7 @@ Public API::
     batch = collate_samples([ShardSample, ...])      # what the loader's collate returns
     batch = batch.to(device, non_blocking=True)       # the numbers move, the bytes stay in host
                                                       # memory, where decode_jpeg reads them
+    batch.pin_memory(), batch.record_stream(s), len(batch), batch.shape   # as a Tensor's
     x = BatchTransform(size, mean, std).to(device)(batch)   # normalised N x 3 x size x size
 """
 
@@ -83,6 +84,12 @@ class ShardBatch:
 
         return ShardBatch(pin(self.flip), pin(self.rgb), data=pin(self.data),
                           lengths=self.lengths, boxes=self.boxes, images=pin(self.images))
+
+    def record_stream(self, stream: torch.cuda.Stream) -> None:
+        """As Tensor.record_stream, for a batch copied ahead on a side stream."""
+        for t in (self.flip, self.rgb, self.images):
+            if t is not None and t.is_cuda:
+                t.record_stream(stream)
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> ShardBatch:
         def move(t: torch.Tensor | None) -> torch.Tensor | None:
