@@ -20,7 +20,7 @@ import yaml
 from alexnet_mp.errors import UserError
 
 MODELS = ("alexnet_d2l", "alexnet_columns", "alexnet_grouped")
-DATASETS = ("mnist_sample", "mnist", "fashion_mnist", "cifar10", "imagefolder", "fake")
+DATASETS = ("mnist_sample", "mnist", "fashion_mnist", "cifar10", "imagefolder", "shards", "fake")
 
 
 @dataclass

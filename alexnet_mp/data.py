@@ -19,9 +19,11 @@ from torch.utils.data import Dataset, Subset, TensorDataset
 from torchvision.transforms import v2
 
 from alexnet_mp.config import DataConfig
+from alexnet_mp.device_decode import ShardBatch, to_pixels
 from alexnet_mp.errors import UserError
 from alexnet_mp.imagefolder import imagefolder_sets
 from alexnet_mp.lighting import Lighting, lighting_components
+from alexnet_mp.shardset import shard_sets
 
 # (channels, classes, mean, std)
 STATS = {
@@ -30,6 +32,7 @@ STATS = {
     "fashion_mnist": (1, 10, (0.2860,), (0.3530,)),
     "cifar10": (3, 10, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
     "imagefolder": (3, None, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    "shards": (3, None, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
     "fake": (None, None, None, None),
 }
 TORCHVISION = {"mnist": torchvision.datasets.MNIST,
@@ -61,7 +64,11 @@ class SeededTransform(Dataset):
         img, target = self.base[index]
         key = f"{self.seed}:{self.epoch}:{index}".encode()
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int.from_bytes(hashlib.blake2b(key, digest_size=8).digest()) >> 1)
+            # The CPU generator alone, which is what the transforms draw from: torch.manual_seed
+            # also queues a seed for every lazily started accelerator, recording a stack trace
+            # each time, which cost more than reading a prepared image.
+            torch.default_generator.manual_seed(
+                int.from_bytes(hashlib.blake2b(key, digest_size=8).digest()) >> 1)
             return self.transform(img), target
 
 
@@ -153,8 +160,12 @@ def _transforms(cfg: DataConfig) -> tuple[torch.nn.Module, torch.nn.Module]:
     return plain, plain
 
 
-def build_data(cfg: DataConfig, *, num_classes: int, in_channels: int, seed: int) -> Data:
-    """Train and test sets for ``cfg.name``; checks that the model's input matches them."""
+def build_data(cfg: DataConfig, *, num_classes: int, in_channels: int, seed: int,
+               device: torch.device | str = "cpu") -> Data:
+    """Train and test sets for ``cfg.name``; checks that the model's input matches them.
+
+    ``device``: where the batches go. Prepared shards are decoded there when it is a GPU, else
+    in the loader workers."""
     channels, classes, mean, std = STATS[cfg.name]
     train_tf, test_tf = _transforms(cfg)
     names = None
@@ -170,6 +181,10 @@ def build_data(cfg: DataConfig, *, num_classes: int, in_channels: int, seed: int
                                              test_tf, random_offset=cfg.fake_size)
     elif cfg.name == "imagefolder":
         train, test = imagefolder_sets(cfg, test_tf)
+        classes = len(train.classes)
+        names = list(train.classes)
+    elif cfg.name == "shards":  # views chosen, and decoded unless on a GPU, per sample
+        train, test, train_tf = shard_sets(cfg, decode=torch.device(device).type != "cuda")
         classes = len(train.classes)
         names = list(train.classes)
     else:
@@ -193,7 +208,9 @@ def build_data(cfg: DataConfig, *, num_classes: int, in_channels: int, seed: int
 
 
 class BatchTransform(torch.nn.Module):
-    """On the device: to float in [0, 1], resize to the model's input, normalise."""
+    """On the device: to float in [0, 1], resize to the model's input, normalise. A batch of
+    prepared shards (:class:`~alexnet_mp.device_decode.ShardBatch`) is first decoded, cropped,
+    mirrored and lit there (:func:`~alexnet_mp.device_decode.to_pixels`)."""
 
     def __init__(self, image_size: int, mean: tuple[float, ...], std: tuple[float, ...],
                  channels_last: bool = False) -> None:
@@ -203,7 +220,9 @@ class BatchTransform(torch.nn.Module):
         self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | ShardBatch) -> torch.Tensor:
+        if isinstance(x, ShardBatch):  # decoded (on the device, for bytes), cropped and lit
+            x = to_pixels(x)
         x = x.float() / 255 if x.dtype == torch.uint8 else x.float()
         if x.shape[-1] != self.size or x.shape[-2] != self.size:
             x = v2.functional.resize(x, [self.size, self.size], antialias=True)

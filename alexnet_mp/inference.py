@@ -41,6 +41,7 @@ from alexnet_mp.loader import make_loader
 from alexnet_mp.models import model_family
 from alexnet_mp.parallel.build import build_model
 from alexnet_mp.parallel.layout import Layout
+from alexnet_mp.shardset import ShardDataset
 
 FAMILIES = tuple(sorted({model_family(name) for name in MODELS}))
 # Stored keys that describe the training machine or training-only transforms: evaluation starts
@@ -219,6 +220,8 @@ def whole_scaled_images(test: Dataset, image_size: int) -> None:
     if isinstance(base, DatasetFolder):
         scale = scaled_size(image_size)
         base.transform = v2.Compose([v2.PILToTensor(), v2.Resize(scale), v2.CenterCrop(scale)])
+    elif isinstance(base, ShardDataset):
+        base.whole_views()
 
 
 def _first_difference(a: list[str], b: list[str]) -> str:
@@ -243,7 +246,8 @@ def evaluate_checkpoint(loaded: Loaded, *, ten_crop: bool = False,
     if batch < 1:
         raise UserError(f"--batch-size must be positive, got {batch}")
     data = build_data(cfg.data, num_classes=cfg.model.num_classes,
-                      in_channels=cfg.model.in_channels, seed=cfg.train.seed)
+                      in_channels=cfg.model.in_channels, seed=cfg.train.seed,
+                      device=layout.device)
     if info.stored and data.names != info.classes:
         # Labels are indices: another set's labels would be scored against the wrong classes.
         differ = _first_difference(info.classes, data.names)
@@ -277,7 +281,7 @@ def evaluate_checkpoint(loaded: Loaded, *, ten_crop: bool = False,
     return {
         "checkpoint": str(loaded.path), "step": loaded.step, "epochs_done": loaded.epoch,
         "model": cfg.model.name, "data": cfg.data.name, "data_root": cfg.data.root,
-        "split": "val" if cfg.data.name == "imagefolder" else "test",
+        "split": "val" if cfg.data.name in ("imagefolder", "shards") else "test",
         "images": result["test_images"], "ten_crop": ten_crop,
         "views": crop_views(ten_crop, cfg.data.hflip), "image_size": size,
         "scaled_size": scaled_size(size) if ten_crop else None,
@@ -369,7 +373,7 @@ def sample_transform(info: DataInfo, ten_crop: bool = False
     square that the ten crops are cut from. Models of fixed-size tensor sets saw the whole square
     image resized on the device: the file's central square, resized later.
     """
-    if info.name == "imagefolder":
+    if info.name in ("imagefolder", "shards"):  # shards hold image folders, scaled the same
         scale = scaled_size(info.image_size)
         crop = scale if ten_crop else info.image_size
         return v2.Compose([v2.PILToTensor(), v2.Resize(scale), v2.CenterCrop(crop)])

@@ -16,19 +16,19 @@ import torch
 
 
 def _to(batch: Any, device: torch.device) -> Any:
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=True)
     if isinstance(batch, (list, tuple)):
         return type(batch)(_to(b, device) for b in batch)
+    if hasattr(batch, "to"):  # a tensor, or a batch of its own kind (prepared shards' bytes)
+        return batch.to(device, non_blocking=True)
     return batch
 
 
 def _record(batch: Any, stream: torch.cuda.Stream) -> None:
-    if isinstance(batch, torch.Tensor):
-        batch.record_stream(stream)
-    elif isinstance(batch, (list, tuple)):
+    if isinstance(batch, (list, tuple)):
         for b in batch:
             _record(b, stream)
+    elif hasattr(batch, "record_stream"):
+        batch.record_stream(stream)
 
 
 def on_device(loader: Iterable, device: torch.device) -> Iterator[Any]:

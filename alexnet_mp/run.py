@@ -117,7 +117,8 @@ class Trainer:
         self.precision = Precision(cfg.train.amp, layout.device,
                                    layout.step_group if layout.distributed else None)
         data = build_data(cfg.data, num_classes=cfg.model.num_classes,
-                          in_channels=cfg.model.in_channels, seed=cfg.train.seed)
+                          in_channels=cfg.model.in_channels, seed=cfg.train.seed,
+                          device=layout.device)
         pin = layout.device.type == "cuda"
         # train.batch_size is the global batch: replicas (or hybrid ranks) each take a share.
         common = dict(batch_size=layout.local_batch(cfg.train.batch_size), seed=cfg.train.seed,

@@ -46,6 +46,13 @@ the host's share of a step per layout (the training loop on a tiny model), N ran
   torchrun --nproc_per_node=N launch/bench.py --host-overhead --repeat 3 --steps 20
 the LRN alone, fused against the reference formulation, at the config's shapes:
   python launch/bench.py --lrn --repeat R run.threads=1 [overrides]
+the input path on one loader core (image folder with PIL, shards decoded on the CPU, shards read
+as bytes for the device), on 500 x 375 JPEGs cut from scikit-learn's sample photographs, which
+it keeps (and their shards) in --out for a training-loop run on them:
+  python launch/bench.py --input-path --repeat 3 --out runs/input-path
+  python launch/bench.py --layouts grouped --data synthetic,train data.name=shards \
+      data.root=runs/input-path/shards model.num_classes=2 model.in_channels=3 \
+      data.image_size=227 data.augment=true
 
 scaling table over 1, 2 and 4 ranks:
   python launch/bench.py --layouts grouped --data synthetic --out runs/scale-1
@@ -82,6 +89,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--lrn", action="store_true",
                    help="time the LRN alone, fused against the reference formulation, --repeat "
                         "rounds at the config's shapes; run nothing else (no torchrun)")
+    p.add_argument("--input-path", action="store_true",
+                   help="images/s per loader core: the image folder (PIL), shards decoded on "
+                        "the CPU, shards read as bytes for the device; --repeat rounds; run "
+                        "nothing else (no torchrun)")
     p.add_argument("--startup", type=int, metavar="RANKS",
                    help="time launch/train.py from launch to its first step on RANKS ranks, "
                         "--repeat times; run nothing else (no torchrun)")
@@ -181,6 +192,23 @@ def lrn(args: argparse.Namespace, cfg, open_layout) -> None:
         (Path(args.out) / "lrn.json").write_text(json.dumps(rows, indent=1))
 
 
+def input_path(args: argparse.Namespace, cfg) -> None:
+    import tempfile
+
+    from alexnet_mp.bench.inputs import input_path_bench, input_path_markdown
+
+    if args.repeat < 1:
+        raise UserError("--repeat takes a number >= 1")
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(args.out) if args.out else Path(tmp)
+        result = input_path_bench(cfg, work, rounds=args.repeat,
+                                  say=lambda s: print(s, flush=True))
+        print(input_path_markdown(result), flush=True)
+        if args.out:
+            (work / "input_path.json").write_text(json.dumps(result, indent=1))
+            (work / "input_path.md").write_text(input_path_markdown(result) + "\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.scaling_table:
@@ -189,6 +217,8 @@ def main(argv: list[str] | None = None) -> int:
         return run_entry(args, lambda cfg, open_layout: startup(args, cfg))
     if args.lrn:
         return run_entry(args, lambda cfg, open_layout: lrn(args, cfg, open_layout))
+    if args.input_path:
+        return run_entry(args, lambda cfg, open_layout: input_path(args, cfg))
 
     def analytic(cfg, open_layout) -> None:
         from alexnet_mp.bench.counts import analytic_table

@@ -203,7 +203,7 @@ def _train_steps(work: Work, cfg: Config, steps: int, warmup: int,
     guard, the figures it reduces, optimizer) on this layout, timed between its steps."""
     on, device = work.layout, work.layout.device
     data = build_data(cfg.data, num_classes=cfg.model.num_classes,
-                      in_channels=cfg.model.in_channels, seed=cfg.train.seed)
+                      in_channels=cfg.model.in_channels, seed=cfg.train.seed, device=device)
     loader = make_loader(data.train, batch_size=work.local_batch, shuffle=True,
                          seed=cfg.train.seed, num_workers=cfg.data.num_workers,
                          pin_memory=device.type == "cuda", replicas=on.data_shards,

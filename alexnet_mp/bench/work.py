@@ -199,7 +199,7 @@ class Batches:
                 device)
             return
         data = build_data(cfg.data, num_classes=cfg.model.num_classes, in_channels=c,
-                          seed=cfg.train.seed)
+                          seed=cfg.train.seed, device=device)
         self.loader = make_loader(data.train, batch_size=local_batch, shuffle=True,
                                   seed=cfg.train.seed, num_workers=cfg.data.num_workers,
                                   pin_memory=device.type == "cuda", replicas=shards,
