@@ -1,6 +1,7 @@
 """Gathers what scripts/gpu_check.sh left in its folder into one JSON on stdout: the machine,
-each step's exit status and seconds, the CUDA tests' counts, and each bench run's figures with
-their intervals and verdicts. Missing pieces are reported as missing, never fatal."""
+each step's exit status and seconds, the CUDA tests' counts (the sync-debug tests on their own),
+the input path per loader core, and each bench run's figures with their intervals and verdicts.
+Missing pieces are reported as missing, never fatal."""
 
 from __future__ import annotations
 
@@ -58,10 +59,16 @@ def main(folder: str, seconds: str = "0") -> None:
             else []:
         name, rc, took = line.split()
         steps[name] = {"exit": int(rc), "seconds": int(took)}
+    tested = tests(out / "cuda-tests.xml")
     figures = {"env": _read_json(out / "env.json"), "steps": steps,
-               "seconds": int(seconds), "tests": tests(out / "cuda-tests.xml"),
+               "seconds": int(seconds), "tests": tested,
+               # Steady steps under torch.cuda.set_sync_debug_mode("error"): passed means no
+               # host sync in a steady step, on one GPU and over NCCL.
+               "sync_debug": {name: outcome for name, outcome in tested.get("cases", {}).items()
+                              if "never_sync" in name},
+               "input_path": _read_json(out / "input-path" / "input_path.json"),
                "bench": {name: bench(out / f"bench-{name}")
-                         for name in ("paper", "main", "profile")}}
+                         for name in ("paper", "shards", "profile")}}
     json.dump(figures, sys.stdout, indent=1)
     sys.stdout.write("\n")
 
