@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import socket
 import traceback
 from collections.abc import Callable
@@ -12,11 +13,31 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+_GIVEN: set[int] = set()
+
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free TCP port for a process this test starts.
+
+    Not the kernel's bind(0): that draws from the ephemeral range, which every outgoing
+    connection and every other test's bind(0) also draws from, so the port could be taken
+    between this check and the child's bind. Here the port comes from below that range (32768
+    up on Linux), from a band of its own per pytest-xdist worker, and never twice in a process.
+    """
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")[2:]
+    low = 20000 + 1000 * (int(worker) % 10 if worker.isdigit() else 0)
+    for _ in range(500):
+        port = random.randrange(low, low + 1000)
+        if port in _GIVEN:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _GIVEN.add(port)
+        return port
+    raise RuntimeError(f"no free port between {low} and {low + 999}")
 
 
 def _entry(rank: int, world: int, port: int, fn: Callable, args: tuple, out: str) -> None:

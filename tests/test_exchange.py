@@ -189,4 +189,6 @@ def test_a_stalled_peer_becomes_peer_lost_error(results):
     message = results[0]["stalled"]
     assert message.startswith("PeerLostError"), message
     assert "exchange" in message
-    assert float(message.split()[2]) < 2.5  # the group's 1 s timeout, not the default's 30 min
+    # The group's 1 s timeout, not the default's 30 min: a bound no busy machine reaches, and
+    # one the default could never meet.
+    assert float(message.split()[2]) < 600
