@@ -76,7 +76,7 @@ def report(exc: UserError) -> int:
     return exc.exit_code
 
 
-def _guarded(body: Callable[[Callable[[Config, str], Layout]], int | None],
+def guarded(body: Callable[[Callable[[Config, str], Layout]], int | None],
              interrupted: Callable[[], str]) -> int:
     """``body(open_layout)`` with what every entry point owes its user: bad input is one line and
     its exit code, Ctrl-C is 130 with ``interrupted()`` said, and the process group
@@ -114,7 +114,7 @@ def run_entry(args: argparse.Namespace,
               body: Callable[[Config, Callable[[str], Layout]], int | None],
               interrupted: Callable[[Config], str] | None = None) -> int:
     """Config from the command line, then ``body(cfg, open_layout)``, whose result is the exit
-    code (None: 0); see :func:`_guarded`. ``interrupted(cfg)`` is said on Ctrl-C."""
+    code (None: 0); see :func:`guarded`. ``interrupted(cfg)`` is said on Ctrl-C."""
     read: list[Config] = []
 
     def with_config(open_layout: Callable[[Config, str], Layout]) -> int | None:
@@ -122,14 +122,14 @@ def run_entry(args: argparse.Namespace,
         cfg = read[0]
         return body(cfg, lambda model_name: open_layout(cfg, model_name))
 
-    return _guarded(with_config, lambda: interrupted(read[0]) if interrupted and read
+    return guarded(with_config, lambda: interrupted(read[0]) if interrupted and read
                     else "interrupted")
 
 
 def run_checkpoint_entry(body: Callable[[Callable[[Config], Layout]], int | None]) -> int:
     """For entry points whose config comes from a checkpoint (evaluate, predict), not from
     ``--config``: ``body(open_layout)``, where ``open_layout(cfg)`` starts this process's place
-    for the model ``cfg`` names (torchrun's variables, or one process); see :func:`_guarded`."""
+    for the model ``cfg`` names (torchrun's variables, or one process); see :func:`guarded`."""
     # Nothing is written before the end, so an interrupted evaluation leaves nothing half done.
-    return _guarded(lambda open_layout: body(lambda cfg: open_layout(cfg, cfg.model.name)),
+    return guarded(lambda open_layout: body(lambda cfg: open_layout(cfg, cfg.model.name)),
                     lambda: "interrupted")

@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # a fresh clone runs without `pip install -e .` too
     sys.path.insert(0, str(ROOT))
 
-from launch.common import _guarded  # noqa: E402
+from launch.common import guarded  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
                 quality=args.quality, workers=args.workers, show_bar=not args.no_progress)
         return 0
 
-    return _guarded(body, "interrupted; the finished shards are kept: run the same command "
+    return guarded(body, "interrupted; the finished shards are kept: run the same command "
                           "again to resume")
 
 
