@@ -104,7 +104,11 @@ class Precision:
         (loss if self.scaler is None else self.scaler.scale(loss)).backward()
 
     def step(self, optimizer: torch.optim.Optimizer, found_inf: torch.Tensor | None) -> None:
-        """Step unless ``found_inf`` (a device tensor) is set; the host reads nothing."""
+        """Step unless ``found_inf`` (a device tensor) is set; the host reads nothing.
+
+        With fp16's gradient scaler the scaler decides from the gradients alone, as torch's
+        does: a non-finite loss gives non-finite gradients, so that step is skipped too, but the
+        steps after a failing one in the same log window are not held back."""
         if self.scaler is None:
             step_unless(optimizer, found_inf)
         else:  # the scaler skips steps with inf gradients itself and lowers its scale
@@ -186,8 +190,8 @@ class Window:
             if bad > 0:
                 state.skipped_in_row += 1
                 if o.nonfinite != "skip" or state.skipped_in_row >= o.max_skipped:
-                    n = state.skipped_in_row
-                    why = (f"{count(n, 'step')} in a row {'was' if n == 1 else 'were'}"
+                    in_row = state.skipped_in_row
+                    why = (f"{count(in_row, 'step')} in a row {'was' if in_row == 1 else 'were'}"
                            if o.nonfinite == "skip" else "the loss or a gradient became")
                     raise NonFiniteError(
                         f"{why} NaN or infinite at step {step} (epoch {state.epoch + 1}); no such "
@@ -219,9 +223,9 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
     with :class:`NonFiniteError` or, with ``nonfinite="skip"``, goes on to the next batch (until
     ``max_skipped`` such steps in a row). The figures are read every ``log_every`` and
     ``flush_every`` steps and at the end; ``on_read(state, bad_images)`` is called after each
-    read, with the count of unreadable images the ranks met since the last one. Step records are
-    logged every ``log_every`` steps and at the epoch's end only, so an interrupted and resumed
-    run logs the same records as a straight one. Returns the epoch's loss and accuracy (over the
+    read, with the count of unreadable images the ranks' loaders hold, not yet reported. Step
+    records are logged every ``log_every`` steps and at the epoch's end only, so an interrupted
+    and resumed run logs the same records as a straight one. Returns the epoch's loss and accuracy (over the
     whole epoch so far, resumed part included) and images/s over the batches run here.
     """
     o = options or LoopOptions()
