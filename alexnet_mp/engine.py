@@ -225,8 +225,9 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
     ``flush_every`` steps and at the end; ``on_read(state, bad_images)`` is called after each
     read, with the count of unreadable images the ranks' loaders hold, not yet reported. Step
     records are logged every ``log_every`` steps and at the epoch's end only, so an interrupted
-    and resumed run logs the same records as a straight one. Returns the epoch's loss and accuracy (over the
-    whole epoch so far, resumed part included) and images/s over the batches run here.
+    and resumed run logs the same records as a straight one. Returns the epoch's loss and
+    accuracy (over the whole epoch so far, resumed part included) and images/s over the batches
+    run here.
     """
     o = options or LoopOptions()
     sync = sync or StepSync()
