@@ -57,43 +57,50 @@ def _grouped(device: torch.device):
     return model.to(device)
 
 
-def test_nccl_with_one_rank_runs_every_collective_the_model_and_guard_use(tmp_path):
-    from alexnet_mp.guard import StepGuard
-    from alexnet_mp.parallel.exchange import ColumnExchange, Meter, gather_labels
+@pytest.fixture
+def nccl_layout(tmp_path):
+    """One NCCL rank started as setup_layout starts it (bound to this rank's device), and its
+    layout; the group is destroyed afterwards."""
     from alexnet_mp.parallel.layout import ParallelDims, mesh_layout
 
     device = torch.device("cuda", 0)
     torch.cuda.set_device(device)
     store = dist.FileStore(str(tmp_path / "store"), 1)
-    # As setup_layout starts it: NCCL, bound to this rank's device.
     dist.init_process_group("nccl", store=store, rank=0, world_size=1, device_id=device)
     try:
-        layout = mesh_layout(ParallelDims(1, 1, "columns"), device=device, timeout_s=60)
-        conv = nn.Conv2d(4, 6, 3, padding=1).to(device)
-        x = torch.randn(2, 4, 5, 5, device=device)
-        expected = conv(x)
-        for overlap in (True, False):  # the overlap path starts the gather, then waits on it
-            exchange = ColumnExchange(0, 1, layout.column_group, overlap, Meter(device))
-            xr = x.clone().requires_grad_()
-            y = exchange.into(conv, xr)
-            torch.testing.assert_close(y, expected)
-            y.square().sum().backward()
-            assert xr.grad is not None and torch.isfinite(xr.grad).all()
-            logits = torch.randn(2, 5, device=device, requires_grad=True)
-            out = exchange.logits(logits, [5])
-            torch.testing.assert_close(out, logits)
-            out.sum().backward()
-            torch.testing.assert_close(logits.grad, torch.ones_like(logits))
-        labels = torch.tensor([3, 1], device=device)
-        assert gather_labels(labels, layout.column_group).tolist() == [3, 1]
-        guard = StepGuard(True, layout.step_group, device)
-        loss = conv(x).sum()
-        loss.backward()
-        assert guard.found_inf(loss, conv).item() == 0 and not guard.poll()
-        conv.weight.grad[0] = float("nan")
-        assert guard.found_inf(loss, conv).item() == 1
+        yield mesh_layout(ParallelDims(1, 1, "columns"), device=device, timeout_s=60)
     finally:
         dist.destroy_process_group()
+
+
+def test_nccl_with_one_rank_runs_every_collective_the_model_and_guard_use(nccl_layout):
+    from alexnet_mp.guard import StepGuard
+    from alexnet_mp.parallel.exchange import ColumnExchange, Meter, gather_labels
+
+    layout, device = nccl_layout, nccl_layout.device
+    conv = nn.Conv2d(4, 6, 3, padding=1).to(device)
+    x = torch.randn(2, 4, 5, 5, device=device)
+    expected = conv(x)
+    for overlap in (True, False):  # the overlap path starts the gather, then waits on it
+        exchange = ColumnExchange(0, 1, layout.column_group, overlap, Meter(device))
+        xr = x.clone().requires_grad_()
+        y = exchange.into(conv, xr)
+        torch.testing.assert_close(y, expected)
+        y.square().sum().backward()
+        assert xr.grad is not None and torch.isfinite(xr.grad).all()
+        logits = torch.randn(2, 5, device=device, requires_grad=True)
+        out = exchange.logits(logits, [5])
+        torch.testing.assert_close(out, logits)
+        out.sum().backward()
+        torch.testing.assert_close(logits.grad, torch.ones_like(logits))
+    labels = torch.tensor([3, 1], device=device)
+    assert gather_labels(labels, layout.column_group).tolist() == [3, 1]
+    guard = StepGuard(True, layout.step_group, device)
+    loss = conv(x).sum()
+    loss.backward()
+    assert guard.found_inf(loss, conv).item() == 0 and not guard.poll()
+    conv.weight.grad[0] = float("nan")
+    assert guard.found_inf(loss, conv).item() == 1
 
 
 def test_fused_lrn_on_the_gpu_equals_torch_per_column():
@@ -249,21 +256,11 @@ def test_steady_steps_on_one_gpu_never_sync_the_host(amp):
     _steady_steps_without_syncs(Layout(device=device), device, amp)
 
 
-def test_steady_steps_over_nccl_never_sync_the_host(tmp_path):
-    """One NCCL rank: the guard's and the window's all-reduces, on the device's stream."""
-    from alexnet_mp.parallel.layout import ParallelDims, mesh_layout
-
-    device = torch.device("cuda", 0)
-    torch.cuda.set_device(device)
-    store = dist.FileStore(str(tmp_path / "store"), 1)
-    dist.init_process_group("nccl", store=store, rank=0, world_size=1, device_id=device)
-    try:
-        layout = mesh_layout(ParallelDims(1, 1, "columns"), device=device, timeout_s=60)
-        # A world of one is not "distributed" to the layout: the group is handed over by hand,
-        # so that the guard's and the window's all-reduces run.
-        _steady_steps_without_syncs(layout, device, "auto", group=layout.step_group)
-    finally:
-        dist.destroy_process_group()
+def test_steady_steps_over_nccl_never_sync_the_host(nccl_layout):
+    """One NCCL rank: the guard's and the window's all-reduces, on the device's stream. A world
+    of one is not "distributed" to the layout, so the group is handed over by hand."""
+    _steady_steps_without_syncs(nccl_layout, nccl_layout.device, "auto",
+                                group=nccl_layout.step_group)
 
 
 def test_shards_decoded_on_the_gpu_match_the_cpu_decode(tmp_path):
