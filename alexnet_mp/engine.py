@@ -16,14 +16,13 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
-import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 from torchvision.transforms import v2
 from tqdm import tqdm
 
-from alexnet_mp.errors import PeerLostError, UserError, collective_failed, count, peer_errors
+from alexnet_mp.errors import PeerLostError, UserError, collective_failed, count
 from alexnet_mp.guard import StepGuard, StepSync
 from alexnet_mp.optim import step_unless
 from alexnet_mp.prefetch import on_device
@@ -168,17 +167,10 @@ class Window:
         """Reads and replays the window; returns (the last step's loss, the ranks' unreadable
         images since the last read). Raises :class:`NonFiniteError` where a step failed."""
         state, o = self.state, self.options
-        rows = torch.stack(self.rows) if self.rows else torch.zeros(0, 4, device=self.in_row.device)
+        rows = torch.stack(self.rows)  # read only after a step, so never empty
         stop = self.guard.stop_counts() if self.guard is not None else [0.0, 0.0, 0.0]
         extra = torch.tensor([*stop, float(new_bad_images)], device=rows.device)
-        if self.sync.group is None:
-            flat = torch.cat([rows.flatten(), extra])
-        else:
-            mine = rows.flatten() if self.sync.counts else torch.zeros(rows.numel(),
-                                                                       device=rows.device)
-            with peer_errors("reading the figures of the log window"):
-                flat = funcol.all_reduce(torch.cat([mine, extra]), "sum", self.sync.group).wait()
-        values = flat.tolist()  # the window's one host sync
+        values = self.sync.sum(rows, everyone=extra).tolist()  # the window's one host sync
         n = rows.shape[0]
         if self.guard is not None:
             self.guard.agree_stop(values[4 * n: 4 * n + 3])

@@ -132,10 +132,13 @@ class StepSync:
     counts: bool = True
     targets: Callable[[torch.Tensor], torch.Tensor] = lambda y: y
 
-    def sum(self, t: torch.Tensor) -> torch.Tensor:
-        """``t`` summed over the counting ranks (a new tensor; on one process, ``t``)."""
+    def sum(self, t: torch.Tensor, everyone: torch.Tensor | None = None) -> torch.Tensor:
+        """``t`` summed over the counting ranks, followed by ``everyone`` (1-D) summed over every
+        rank, in one all-reduce; on one process, the two as they are."""
         if self.group is None:
-            return t
+            return t if everyone is None else torch.cat([t.flatten(), everyone])
         mine = t if self.counts else torch.zeros_like(t)
+        if everyone is not None:
+            mine = torch.cat([mine.flatten(), everyone])
         with peer_errors("summing the figures over the ranks"):
             return funcol.all_reduce(mine, "sum", self.group).wait()

@@ -123,3 +123,32 @@ def test_a_finished_iterators_feeder_threads_are_gone_before_new_workers_fork():
     second = iter(loader)  # joins the first epoch's feeders before it forks
     assert not any(t.is_alive() for t in finished)
     assert sum(1 for _ in second) == 10
+
+
+def test_only_finished_iterators_feeders_are_joined():
+    """The join itself, without a race to win: a thread still running when its iterator is
+    gone is waited for; one whose iterator is still in use is left alone."""
+    import threading
+    import weakref
+
+    from alexnet_mp import loader as loader_module
+
+    class Iterator:
+        _shutdown = False
+
+    release = threading.Event()
+    exiting = threading.Thread(target=lambda: release.wait(2.0), daemon=True)
+    working = threading.Thread(target=release.wait, daemon=True)
+    exiting.start()
+    working.start()
+    live = Iterator()
+    saved = list(loader_module._FEEDERS)
+    loader_module._FEEDERS[:] = [(weakref.ref(Iterator()), [exiting]),  # dead at once
+                                 (weakref.ref(live), [working])]
+    try:
+        loader_module._join_finished_feeders()
+        assert not exiting.is_alive()  # joined: it ran its 2 s out
+        assert working.is_alive() and len(loader_module._FEEDERS) == 1
+    finally:
+        release.set()
+        loader_module._FEEDERS[:] = saved
