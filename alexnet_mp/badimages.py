@@ -44,3 +44,13 @@ def stop_error(bad: list[tuple[str, str]]) -> UserError:
     more = f" ({len(bad) - 1} more unreadable)" if len(bad) > 1 else ""
     return UserError(f"cannot read image {path}: {reason}{more}; remove or replace the file, or "
                      "set data.bad_images=skip to go on without it")
+
+
+def settle(loader: Any, group: dist.ProcessGroup | None, count: int,
+           bad_images: str) -> list[tuple[str, str]]:
+    """Every rank's recorded files (:func:`take_everywhere`); with ``bad_images="stop"`` and any
+    file, the one-line error of :func:`stop_error` instead."""
+    bad = take_everywhere(loader, group, count)
+    if bad and bad_images == "stop":
+        raise stop_error(bad)
+    return bad

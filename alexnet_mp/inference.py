@@ -31,7 +31,7 @@ from torchvision.datasets import DatasetFolder
 from torchvision.transforms import v2
 
 from alexnet_mp import checkpoint as ckpt
-from alexnet_mp.badimages import count_everywhere, stop_error, take_everywhere
+from alexnet_mp.badimages import count_everywhere, settle
 from alexnet_mp.config import MODELS, Config, load_config
 from alexnet_mp.data import STATS, BatchTransform, build_data
 from alexnet_mp.engine import Precision, evaluate, ten_crop_log_probs
@@ -271,9 +271,7 @@ def evaluate_checkpoint(loaded: Loaded, *, ten_crop: bool = False,
                       show_bar=show_bar)
     seconds = time.perf_counter() - start
     group = layout.step_sync().group
-    bad = take_everywhere(loader, group, count_everywhere(loader, group))
-    if bad and cfg.data.bad_images == "stop":
-        raise stop_error(bad)
+    bad = settle(loader, group, count_everywhere(loader, group), cfg.data.bad_images)
     if bad:
         first, why = bad[0]
         warn(f"left out {len(bad)} unreadable image(s) (data.bad_images=skip), "

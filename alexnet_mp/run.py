@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 from alexnet_mp import checkpoint as ckpt
 from alexnet_mp import runfolder
-from alexnet_mp.badimages import count_everywhere, stop_error, take_everywhere
+from alexnet_mp.badimages import count_everywhere, settle
 from alexnet_mp.config import Config, dump_config, resume_changes, run_dir
 from alexnet_mp.data import BatchTransform, build_data
 from alexnet_mp.engine import (
@@ -405,9 +405,7 @@ class Trainer:
         evaluated as a stand-in labelled -1, which no loss or figure counts."""
         if count == 0:
             return
-        bad = take_everywhere(loader, self.layout.step_sync().group, count)
-        if self.cfg.data.bad_images == "stop":
-            raise stop_error(bad)
+        bad = settle(loader, self.layout.step_sync().group, count, self.cfg.data.bad_images)
         split = "test" if loader is self.test_loader else "train"
         self.warn(f"skipped {len(bad)} unreadable {split} image(s) (data.bad_images=skip), "
                   f"first {bad[0][0]}: {bad[0][1]}")
