@@ -22,7 +22,13 @@ from torch.utils.data import DataLoader
 from torchvision.transforms import v2
 from tqdm import tqdm
 
-from alexnet_mp.errors import PeerLostError, UserError, collective_failed, count
+from alexnet_mp.errors import (
+    PeerLostError,
+    UserError,
+    collective_failed,
+    count,
+    first_line,
+)
 from alexnet_mp.guard import StepGuard, StepSync
 from alexnet_mp.optim import step_unless
 from alexnet_mp.prefetch import on_device
@@ -250,8 +256,8 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
         except RuntimeError as exc:
             # Only a collective's failure is a lost peer; any other error keeps its traceback.
             if collective_failed(exc):
-                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
-                raise PeerLostError(f"a collective of the backward pass failed: {first}") from exc
+                raise PeerLostError("a collective of the backward pass failed: "
+                                    f"{first_line(exc)}") from exc
             raise
         # With a gradient scaler, inf gradients are routine: the scaler skips those steps.
         bad = (guard.found_inf(loss, model, grads=precision.scaler is None)

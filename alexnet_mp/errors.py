@@ -24,6 +24,12 @@ class PeerLostError(UserError):
     broken_group = True  # its process group cannot be torn down cleanly
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of ``exc``'s message (its type's name if it has none), at most 160
+    characters: enough to name a failure in a one-line error."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+
+
 @contextlib.contextmanager
 def peer_errors(what: str) -> Iterator[None]:
     """Turn a RuntimeError raised by a torch.distributed call inside into PeerLostError."""
@@ -32,7 +38,7 @@ def peer_errors(what: str) -> Iterator[None]:
     except PeerLostError:
         raise
     except RuntimeError as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        first = first_line(exc)
         raise PeerLostError(f"{what} failed: {first}") from exc
 
 

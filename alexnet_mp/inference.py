@@ -343,7 +343,7 @@ def evaluate_to_file(loaded: Loaded, out: Path, **options: Any) -> dict[str, Any
 
 def summary(result: dict[str, Any]) -> str:
     """One line for the console."""
-    views = result.get("views") or crop_views(result["ten_crop"], True)
+    views = result["views"]
     images = count(result["images"], f"{result['split']} image")
     return (f"{Path(result['checkpoint']).name} (step {result['step']}) on {images} of "
             f"{result['data']}, {views}: top-1 {result['top1']:.4f} "

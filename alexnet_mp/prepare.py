@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from PIL import Image
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 from torchvision.io import encode_jpeg
 from torchvision.transforms import v2
@@ -35,6 +34,7 @@ from tqdm import tqdm
 
 from alexnet_mp.errors import UserError
 from alexnet_mp.imagefolder import _check_classes, _reason
+from alexnet_mp.images import open_rgb
 from alexnet_mp.shardset import (
     FORMAT,
     INDEX,
@@ -61,6 +61,14 @@ def _fsync_write(path: Path, chunks: list[bytes] | bytes) -> None:
         os.fsync(f.fileno())
 
 
+def _write_atomic(path: Path, chunks: list[bytes] | bytes) -> None:
+    """``chunks`` into ``path`` under a temporary name, synced, then renamed: a reader finds the
+    old file or the whole new one. An OSError is the caller's to word."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    _fsync_write(tmp, chunks)
+    tmp.replace(path)
+
+
 def _no_room(path: Path, exc: OSError) -> UserError:
     if exc.errno == errno.ENOSPC:
         return UserError(f"no space left on the device writing {path}; free some (or choose "
@@ -70,8 +78,9 @@ def _no_room(path: Path, exc: OSError) -> UserError:
 
 def scaled_jpeg(path: str, short_side: int, quality: int) -> tuple[bytes, int, int]:
     """The file as RGB, its short side scaled to ``short_side``, encoded as JPEG."""
-    with Image.open(path) as img:
-        pixels = v2.functional.pil_to_tensor(img.convert("RGB"))
+    # The reader training, evaluate and predict use: 16-bit and float files are scaled to 8
+    # bits, not clipped, so a folder and its shards hold the same pixels.
+    pixels = v2.functional.pil_to_tensor(open_rgb(path))
     pixels = v2.functional.resize(pixels, [short_side], antialias=True)
     return encode_jpeg(pixels, quality=quality).numpy().tobytes(), *pixels.shape[1:]
 
@@ -124,9 +133,7 @@ def build_shard(task: dict[str, Any]) -> dict[str, Any]:
     index_bytes = index.numpy().astype("<i8").tobytes()
     try:
         for final, body in ((side, index_bytes), (shard, chunks)):
-            tmp = final.with_name(f".{final.name}.tmp")
-            _fsync_write(tmp, body)
-            tmp.replace(final)
+            _write_atomic(final, body)
     except OSError as exc:
         return {"error": str(_no_room(shard, exc))}
     return {"file": shard.name, "bytes": offset, "sha256": digest.hexdigest(),
@@ -142,10 +149,8 @@ def _ignore_sigint() -> None:
 
 
 def _write_manifest(out: Path, manifest: dict[str, Any]) -> None:
-    tmp = out / f".{MANIFEST}.tmp"
     try:
-        _fsync_write(tmp, (json.dumps(manifest, indent=1) + "\n").encode())
-        tmp.replace(out / MANIFEST)
+        _write_atomic(out / MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode())
     except OSError as exc:
         raise _no_room(out / MANIFEST, exc) from None
 
@@ -255,10 +260,8 @@ def _finish(out: Path, manifest: dict[str, Any], say: Callable[[str], None]) -> 
             unreadable += shard["unreadable"]
         index = torch.cat(parts).numpy().astype("<i8").tobytes()
         path = out / split / INDEX
-        tmp = path.with_name(f".{INDEX}.tmp")
         try:
-            _fsync_write(tmp, index)
-            tmp.replace(path)
+            _write_atomic(path, index)
         except OSError as exc:
             raise _no_room(path, exc) from None
         entry["index"], entry["index_sha256"] = INDEX, hashlib.sha256(index).hexdigest()

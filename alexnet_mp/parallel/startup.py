@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from alexnet_mp.errors import PeerLostError, UserError
+from alexnet_mp.errors import PeerLostError, UserError, first_line
 
 # srun's spelling of each variable, for the fix a message suggests.
 SLURM = {"RANK": "$SLURM_PROCID", "WORLD_SIZE": "$SLURM_NTASKS", "LOCAL_RANK": "$SLURM_LOCALID",
@@ -118,10 +118,6 @@ def launch_env(env: Mapping[str, str]) -> LaunchEnv:
                      env.get("TORCHELASTIC_USE_AGENT_STORE") == "True")
 
 
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
-
-
 def join(launch: LaunchEnv, *, startup_timeout_s: float) -> dist.Store:
     """The rendezvous store, once all ``launch.world_size`` ranks have joined it; every wait
     bounded by ``startup_timeout_s``. The store keeps that timeout: the caller sets its own."""
@@ -131,10 +127,10 @@ def join(launch: LaunchEnv, *, startup_timeout_s: float) -> dist.Store:
     timeout = datetime.timedelta(seconds=startup_timeout_s)
     hosting = rank == 0 and not launch.agent_store
     deadline = time.monotonic() + startup_timeout_s
+    nobody = (f"rank {rank}: no rendezvous answered at {where} within {limit} s; start rank 0 "
+              "with the same MASTER_ADDR and MASTER_PORT (or raise run.startup_timeout_s)")
     if not hosting and not _listening(launch.master_addr, launch.master_port, deadline):
-        raise StartupTimeout(f"rank {rank}: no rendezvous answered at {where} within {limit} s; "
-                             f"start rank 0 with the same MASTER_ADDR and MASTER_PORT (or raise "
-                             "run.startup_timeout_s)")
+        raise StartupTimeout(nobody)
     try:
         # wait_for_workers=False: the count below, not the store's constructor, waits for the
         # ranks, so that a timeout can say how many came.
@@ -143,10 +139,8 @@ def join(launch: LaunchEnv, *, startup_timeout_s: float) -> dist.Store:
     except RuntimeError as exc:
         if hosting:
             raise LaunchEnvError(f"rank 0 could not open the rendezvous at {where} "
-                                 f"({_first_line(exc)}); choose a free MASTER_PORT") from None
-        raise StartupTimeout(f"rank {rank}: no rendezvous answered at {where} within {limit} s; "
-                             f"start rank 0 with the same MASTER_ADDR and MASTER_PORT (or raise "
-                             "run.startup_timeout_s)") from None
+                                 f"({first_line(exc)}); choose a free MASTER_PORT") from None
+        raise StartupTimeout(nobody) from None
     # Each restart attempt counts afresh: the agent's store outlives a restart.
     store = dist.PrefixStore(f"alexnet_mp/{launch.attempt}", store)
     try:
