@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import functools
 import itertools
+import multiprocessing
 import os
+import select
 import signal
 import threading
-import weakref
+import time
 from collections.abc import Iterator
 from typing import Any, NamedTuple
 
@@ -105,6 +107,31 @@ def _exit_on_parent_sigterm(parents: frozenset[int]) -> None:
             os._exit(0)
 
 
+def _exit_when_gone(main_pid: int) -> None:
+    """End this worker when the process it loads for has ended, however it ended.
+
+    torch's workers watch their parent, which for a worker started by the forkserver is the
+    forkserver, and the forkserver lives until its last child has ended: a worker of a process
+    killed outright (SIGKILL, the OOM killer) would wait for it forever, holding the job's
+    output pipes open.
+    """
+    try:
+        with os.fdopen(os.pidfd_open(main_pid), "rb") as handle:
+            select.select([handle], [], [])  # readable once the process has exited
+    except ProcessLookupError:
+        pass  # gone already
+    except (AttributeError, OSError):  # no pidfd here: ask every second
+        while True:
+            time.sleep(1.0)
+            try:
+                os.kill(main_pid, 0)
+            except ProcessLookupError:
+                break
+            except OSError:
+                continue
+    os._exit(1)
+
+
 _STOP_SIGNALS = frozenset(getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGHUP")
                           if hasattr(signal, name))
 _CAN_MASK = hasattr(signal, "pthread_sigmask")
@@ -137,6 +164,9 @@ def _worker_init(main_pid: int, worker_id: int) -> None:
     for name in ("SIGINT", "SIGHUP"):
         if hasattr(signal, name):
             signal.signal(getattr(signal, name), signal.SIG_IGN)
+    if os.getppid() != main_pid:
+        threading.Thread(target=_exit_when_gone, args=(main_pid,), daemon=True,
+                         name="exit-with-main").start()
     unblock = set(_STOP_SIGNALS)
     if _CAN_MASK and hasattr(signal, "sigwaitinfo"):
         parents = frozenset({main_pid, os.getppid()})
@@ -148,25 +178,45 @@ def _worker_init(main_pid: int, worker_id: int) -> None:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, unblock)
 
 
-# The feeder threads of the index queues of every worker-backed iterator started here, with the
-# iterator. Python before 3.12 can deadlock a forked child when another thread is being torn down
-# at the moment of the fork (the interpreter's thread-list lock, inherited held; CPython issue
-# 112275), and a finished iterator's feeder threads end on their own, unjoined, just when the next
-# epoch forks its workers: a worker then hangs forever in its first instant, and the ranks with
-# it. So the threads of finished iterators are joined before new workers are forked.
-_FEEDERS: list[tuple[weakref.ref, list[threading.Thread]]] = []
+# Workers are forked from a forkserver: a process started once, fresh from exec and without
+# threads, that has imported torch and this package. Forking the rank itself at every epoch is
+# what the DataLoader does by default, and a rank has threads (the process group's, tqdm's
+# monitor, the index queues' feeders of the epoch that just ended); Python before 3.12 can leave
+# a forked child hung in its first instant on a lock one of them held (the interpreter's
+# thread-list lock among them), and the ranks with it. The dataset is pickled to each worker
+# once an epoch instead of being inherited, a cost of milliseconds against an epoch's minutes.
+_PRELOAD = ["__main__", "torch", "torchvision", "alexnet_mp.loader", "alexnet_mp.data",
+            "alexnet_mp.imagefolder", "alexnet_mp.shardset"]
 
 
-def _join_finished_feeders(timeout: float = 60.0) -> None:
-    keep = []
-    for ref, threads in _FEEDERS:
-        inner = ref()
-        if inner is not None and not getattr(inner, "_shutdown", False):
-            keep.append((ref, threads))  # still in use: its feeders run on
-            continue
-        for thread in threads:
-            thread.join(timeout)
-    _FEEDERS[:] = keep
+def worker_context() -> multiprocessing.context.BaseContext | None:
+    """The start method of the loader workers: "forkserver" where the platform has it (None, the
+    DataLoader's default, elsewhere).
+
+    The forkserver is started by the first loader that starts workers, inside
+    :meth:`CheckedLoader.__iter__`, with the stop signals blocked: it inherits that mask
+    across exec, keeps it (a group signal stays pending in it; it exits when this process does),
+    and hands it to every worker it forks, as a worker forked from here would have had it.
+    """
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return None
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(_PRELOAD)
+    return context
+
+
+def _start_forkserver() -> None:
+    """Start the forkserver, if it is not running, with the stop signals blocked.
+
+    Called with them blocked already. multiprocessing starts its resource tracker first, the
+    first time, and unblocks SIGINT and SIGTERM in the calling thread when it has (it blocks
+    them only for the tracker): they are blocked again before the forkserver itself starts.
+    """
+    from multiprocessing import forkserver, resource_tracker
+
+    resource_tracker.ensure_running()
+    signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    forkserver.ensure_running()
 
 
 class CheckedLoader(DataLoader):
@@ -189,7 +239,6 @@ class CheckedLoader(DataLoader):
     def __iter__(self) -> _CheckedIter:
         if self.num_workers == 0:
             return _CheckedIter(self, super().__iter__())
-        _join_finished_feeders()
         if not _CAN_MASK:
             inner = super().__iter__()
         else:
@@ -199,11 +248,12 @@ class CheckedLoader(DataLoader):
             # copy of the signal when the mask is restored, a moment later.
             old = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
             try:
+                if self.multiprocessing_context is not None and (
+                        self.multiprocessing_context.get_start_method() == "forkserver"):
+                    _start_forkserver()
                 inner = super().__iter__()
             finally:
                 signal.pthread_sigmask(signal.SIG_SETMASK, old)
-        _FEEDERS.append((weakref.ref(inner), [q._thread for q in getattr(
-            inner, "_index_queues", ()) if getattr(q, "_thread", None) is not None]))
         return _CheckedIter(self, inner)
 
     def _accept(self, batch: BadBatch) -> list[torch.Tensor]:
@@ -255,6 +305,7 @@ def make_loader(dataset: Dataset, *, batch_size: int, shuffle: bool, seed: int,
                          num_workers=num_workers, pin_memory=pin_memory, drop_last=False,
                          generator=torch.Generator().manual_seed(seed), collate_fn=collate,
                          worker_init_fn=functools.partial(_worker_init, os.getpid()),
+                         multiprocessing_context=worker_context() if num_workers else None,
                          bad_images=bad_images)
 
 

@@ -108,47 +108,25 @@ def test_fake_and_imagefolder_sets(tmp_path):
     assert folder.test[0][0].shape == (3, 67, 67)
 
 
-def test_a_finished_iterators_feeder_threads_are_gone_before_new_workers_fork():
-    """Python before 3.12 can hang a forked child whose parent was tearing a thread down at the
-    moment of the fork; the loader joins the finished epoch's queue feeders first."""
-    import threading
+def test_loader_workers_are_not_forked_from_the_training_process():
+    """A rank has threads; its loader workers come from a forkserver, whatever those threads
+    hold when an epoch starts its workers."""
+    import multiprocessing
+    import os
+    import sys
 
     from torch.utils.data import TensorDataset
 
+    if not sys.platform.startswith("linux"):
+        pytest.skip("reads the workers' parents from /proc")
+    assert "forkserver" in multiprocessing.get_all_start_methods()
     data = TensorDataset(torch.arange(40.0).view(40, 1), torch.arange(40))
-    loader = make_loader(data, batch_size=4, shuffle=False, seed=0, num_workers=2,
+    loader = make_loader(data, batch_size=4, shuffle=True, seed=0, num_workers=2,
                          pin_memory=False)
-    list(loader)
-    finished = [t for t in threading.enumerate() if t.name == "QueueFeederThread"]
-    second = iter(loader)  # joins the first epoch's feeders before it forks
-    assert not any(t.is_alive() for t in finished)
-    assert sum(1 for _ in second) == 10
-
-
-def test_only_finished_iterators_feeders_are_joined():
-    """The join itself, without a race to win: a thread still running when its iterator is
-    gone is waited for; one whose iterator is still in use is left alone."""
-    import threading
-    import weakref
-
-    from alexnet_mp import loader as loader_module
-
-    class Iterator:
-        _shutdown = False
-
-    release = threading.Event()
-    exiting = threading.Thread(target=lambda: release.wait(2.0), daemon=True)
-    working = threading.Thread(target=release.wait, daemon=True)
-    exiting.start()
-    working.start()
-    live = Iterator()
-    saved = list(loader_module._FEEDERS)
-    loader_module._FEEDERS[:] = [(weakref.ref(Iterator()), [exiting]),  # dead at once
-                                 (weakref.ref(live), [working])]
-    try:
-        loader_module._join_finished_feeders()
-        assert not exiting.is_alive()  # joined: it ran its 2 s out
-        assert working.is_alive() and len(loader_module._FEEDERS) == 1
-    finally:
-        release.set()
-        loader_module._FEEDERS[:] = saved
+    for epoch in range(2):
+        set_epoch(loader, epoch)
+        it = iter(loader)
+        parents = {w.pid: int(open(f"/proc/{w.pid}/stat").read().rsplit(")", 1)[1].split()[1])
+                   for w in it._workers}
+        assert os.getpid() not in parents.values() and len(set(parents.values())) == 1
+        assert sorted(torch.cat([y for _, y in it]).tolist()) == list(range(40))
