@@ -39,7 +39,7 @@ class ModelConfig:
     init: str = "auto"
     # Overlap each exchange with the column's own half of the next layer (async collectives).
     # null: on for CUDA, off on CPU, where gloo shares the cores and the halved layers cost more
-    # than the wait they hide (measured with launch/bench.py, see README).
+    # than the wait they hide (docs/performance.md).
     overlap: bool | None = None
 
 

@@ -43,8 +43,8 @@ def param_counts(arch: Arch, column: int | None = None) -> dict[str, int]:
 def ring_bytes(numel: int, ranks: int) -> int:
     """What each rank receives in a ring all-reduce of ``numel`` floats: 2 (R-1)/R of them.
 
-    The hooks count each bucket with the same integer division, so the sum over buckets equals
-    this whenever R divides 8·numel of every bucket (always, for R = 2, 4 or 8).
+    The bench's count from the model's synced gradients
+    (:func:`~alexnet_mp.bench.traffic.allreduce_bytes`) divides the same way.
     """
     return FLOAT_BYTES * 2 * (ranks - 1) * numel // ranks
 

@@ -14,7 +14,7 @@ from torch import nn
 
 from alexnet_mp import models
 from alexnet_mp.config import ModelConfig
-from alexnet_mp.parallel.exchange import ColumnExchange, Meter
+from alexnet_mp.parallel.exchange import ColumnExchange
 from alexnet_mp.parallel.hybrid import HybridAlexNet
 from alexnet_mp.parallel.layout import Layout
 from alexnet_mp.parallel.replicas import parallelize
@@ -26,27 +26,25 @@ def overlap_of(cfg: ModelConfig, layout: Layout) -> bool:
     return cfg.overlap if cfg.overlap is not None else layout.device.type == "cuda"
 
 
-def build_model(cfg: ModelConfig, image_size: int, layout: Layout, seed: int,
-                meter: Meter | None = None) -> nn.Module:
+def build_model(cfg: ModelConfig, image_size: int, layout: Layout, seed: int) -> nn.Module:
     """The model on ``layout.device``, initialised from ``seed`` the same way in every layout,
-    with its exchanges and gradient sync. ``meter`` (the benchmark's) times the exchanges and
-    counts their bytes."""
+    with its exchanges and gradient sync."""
     if layout.layout == "hybrid" and layout.distributed:
         models.require_image_size(cfg, image_size)
         arch = models.arch_of(cfg, image_size)
         overlap = overlap_of(cfg, layout)
         model = models.materialize(
             lambda g: HybridAlexNet(arch, layout.column, layout.columns, layout.column_group, g,
-                                    meter, overlap),
+                                    overlap),
             cfg, image_size, layout.device, seed)
     else:
         exchange = None
         if layout.column is not None:
             exchange = ColumnExchange(layout.column, layout.columns, layout.column_group,
-                                      overlap_of(cfg, layout), meter)
+                                      overlap_of(cfg, layout))
         model = models.build_model(cfg, image_size, layout.device, seed, exchange=exchange,
                                    replica=layout.replica)
-    return parallelize(model, layout, meter)
+    return parallelize(model, layout)
 
 
 # torch.compile's backend; tests swap in "aot_eager", which traces the same graphs (forward and

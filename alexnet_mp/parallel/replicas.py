@@ -9,34 +9,14 @@ The all-reduces run inside autograd: the caller wraps ``backward()`` in ``peer_e
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
-import torch.distributed as dist
 from torch import nn
 from torch.distributed._composable.replicate import replicate
 
-from alexnet_mp.parallel.exchange import Meter
-from alexnet_mp.parallel.hybrid import HybridAlexNet, sum_trunk_grads
+from alexnet_mp.parallel.hybrid import HEAD, HybridAlexNet, sum_trunk_grads
 from alexnet_mp.parallel.layout import Layout
 
 
-def averaging_hook(meter: Meter) -> Callable:
-    """DDP's averaging all-reduce, counting the bytes a ring receives (for the benchmark)."""
-
-    # Unannotated on purpose: DDP rejects a hook whose annotations are not the GradBucket and
-    # Future classes themselves, and postponed annotations are strings.
-    def hook(group, bucket):
-        buf = bucket.buffer()
-        world = group.size()
-        meter.bytes += 2 * (world - 1) * buf.numel() * buf.element_size() // world
-        buf.div_(world)
-        work = dist.all_reduce(buf, group=group, async_op=True)
-        return work.get_future().then(lambda fut: fut.value()[0])
-
-    return hook
-
-
-def parallelize(model: nn.Module, layout: Layout, meter: Meter | None = None) -> nn.Module:
+def parallelize(model: nn.Module, layout: Layout) -> nn.Module:
     """Give ``model`` the gradient sync its layout needs, in place; returns the same object.
 
     columns x replicas (either model, any column count): every parameter's gradient averaged
@@ -48,9 +28,20 @@ def parallelize(model: nn.Module, layout: Layout, meter: Meter | None = None) ->
     if layout.layout == "hybrid":
         if not isinstance(model, HybridAlexNet):
             raise TypeError("parallel.layout=hybrid needs a HybridAlexNet")
-        return sum_trunk_grads(model, layout.mesh["column"], meter=meter)
+        return sum_trunk_grads(model, layout.mesh["column"])
     if layout.replicas > 1:
         replicate(model, device_mesh=layout.mesh["replica"])
-        if meter is not None:
-            model.register_comm_hook(layout.replica_group, averaging_hook(meter))
     return model
+
+
+def synced_parameters(model: nn.Module, layout: Layout) -> tuple[set[str], int]:
+    """The names of the parameters whose gradients :func:`parallelize` all-reduces, and over how
+    many ranks (1: none are)."""
+    if not layout.distributed:
+        return set(), 1
+    names = {name for name, _ in model.named_parameters()}
+    if layout.layout == "hybrid":
+        return {n for n in names if n.split(".")[0] not in HEAD}, layout.world_size
+    if layout.replicas > 1:
+        return names, layout.replicas
+    return set(), 1
