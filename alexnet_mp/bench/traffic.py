@@ -21,7 +21,6 @@ from torch import nn
 
 from alexnet_mp.parallel.exchange import ColumnExchange, process_group
 from alexnet_mp.parallel.layout import Layout
-from alexnet_mp.parallel.replicas import synced_parameters
 
 
 class TrafficMeter:
@@ -129,7 +128,7 @@ def meter_exchanges(model: nn.Module, meter: TrafficMeter) -> nn.Module:
 def allreduce_bytes(model: nn.Module, layout: Layout) -> int:
     """Bytes each rank receives per step in the gradient all-reduce, from the gradients it
     syncs: a ring all-reduce brings in 2 (R-1)/R of them."""
-    names, ranks = synced_parameters(model, layout)
+    names, ranks = layout.plan.synced_parameters(model, layout)
     if ranks < 2:
         return 0
     size = sum(_nbytes(p) for name, p in model.named_parameters() if name in names)

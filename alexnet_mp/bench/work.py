@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from alexnet_mp.bench.layouts import ONE_DEVICE
+from alexnet_mp.bench.layouts import DDP, ONE_DEVICE
 from alexnet_mp.bench.lrn import use_reference_lrn
 from alexnet_mp.bench.traffic import TrafficMeter, allreduce_bytes, meter_exchanges
 from alexnet_mp.config import Config
@@ -131,7 +131,7 @@ def build_work(name: str, cfg: Config, layout: Layout, variant: Variant = Varian
         model = make_model(cfg, on, "alexnet_d2l" if name == "d2l" else "alexnet_grouped")
     else:
         on = layout
-        model_name = "alexnet_grouped" if name == "ddp" else "alexnet_columns"
+        model_name = "alexnet_grouped" if name == DDP else "alexnet_columns"
         model = meter_exchanges(make_model(cfg, layout, model_name,
                                            overlap=name == "split_overlap"), meter)
     model = variant.prepare(model, cfg)
