@@ -22,7 +22,7 @@ caller wraps ``backward()`` in ``peer_errors``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 from torch import nn
@@ -39,6 +39,53 @@ if TYPE_CHECKING:
     from alexnet_mp.parallel.layout import Layout
 
 SPLITTABLE = ("alexnet_columns",)
+
+
+class Plan(Protocol):
+    """What a layout answers for the rest of the code."""
+
+    name: str  # its parallel.layout value
+    splits_batch: bool  # ranks read different shares and every rank gets the whole batch's logits
+
+    def dims(self, model_name: str, world_size: int, columns: int | None) -> ParallelDims:
+        """The dims for this world size and model, or one UserError line naming what to change
+        (after :func:`alexnet_mp.parallel.layout.parallel_dims`' checks common to every plan)."""
+        ...
+
+    def whole_model(self, dims: ParallelDims) -> bool:
+        """Whether each rank holds the model whole (no column of its own)."""
+        ...
+
+    def data_shards(self, dims: ParallelDims) -> int:
+        """Into how many different shares each global batch is cut."""
+        ...
+
+    def data_shard(self, layout: Layout) -> int:
+        """Which share this rank reads."""
+        ...
+
+    def loss_targets(self, layout: Layout, y: torch.Tensor) -> torch.Tensor:
+        """The labels that go with the model's logits, from this rank's labels ``y``."""
+        ...
+
+    def describe(self, layout: Layout) -> str:
+        """The layout's name in the start line and the bench's reports."""
+        ...
+
+    def build(self, cfg: ModelConfig, image_size: int, layout: Layout, seed: int) -> nn.Module:
+        """This rank's model on ``layout.device``, with its exchange and gradient sync."""
+        ...
+
+    def meta_model(self, cfg: ModelConfig, image_size: int, layout: Layout,
+                   exchange: Exchange | None) -> nn.Module:
+        """This rank's model on the meta device, uninitialised, with ``exchange`` (one that
+        gives the gathered shapes) if it holds a column."""
+        ...
+
+    def synced_parameters(self, model: nn.Module, layout: Layout) -> tuple[set[str], int]:
+        """The names of the parameters whose gradients are all-reduced, and over how many
+        ranks (1: none are)."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -91,7 +138,6 @@ class ColumnsPlan:
         return ParallelDims(world_size, columns, self.name)
 
     def whole_model(self, dims: ParallelDims) -> bool:
-        """Whether each rank holds the model whole (no column of its own)."""
         return dims.columns == 1
 
     def data_shards(self, dims: ParallelDims) -> int:
@@ -129,14 +175,10 @@ class ColumnsPlan:
 
     def meta_model(self, cfg: ModelConfig, image_size: int, layout: Layout,
                    exchange: Exchange | None) -> nn.Module:
-        """This rank's model on the meta device, uninitialised, with ``exchange`` (one that
-        gives the gathered shapes) if it holds a column."""
         return models.meta_model(cfg, image_size, layout.column,
                                  exchange if layout.column is not None else None)
 
     def synced_parameters(self, model: nn.Module, layout: Layout) -> tuple[set[str], int]:
-        """The names of the parameters whose gradients :meth:`build`'s sync all-reduces, and
-        over how many ranks (1: none are)."""
         if not layout.distributed or layout.replicas == 1:
             return set(), 1
         return {name for name, _ in model.named_parameters()}, layout.replicas
@@ -219,7 +261,6 @@ class HybridPlan:
                  if name.split(".")[0] not in HEAD}, layout.world_size)
 
 
-Plan = ColumnsPlan | HybridPlan
 COLUMNS, HYBRID = ColumnsPlan(), HybridPlan()
 PLANS: dict[str, Plan] = {plan.name: plan for plan in (COLUMNS, HYBRID)}
 LAYOUTS = tuple(PLANS)
