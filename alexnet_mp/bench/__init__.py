@@ -20,11 +20,11 @@ syncs) and computed from the architecture (:func:`~alexnet_mp.bench.counts.analy
 
 A timed step is what the training loop does: forward, backward, the cross-rank guard, the
 optimizer. Each layout runs as one or more *variants* (:class:`~alexnet_mp.bench.work.Variant`:
-the old LRN, the C library's default heap, channels_last, torch.compile, ranks pinned to their
-cores), and every (layout, variant, data) *arm* runs once per round, the rounds interleaved, so
-that the machine's drift hits every arm alike; :mod:`alexnet_mp.bench.stats` turns the rounds
-into intervals and verdicts, and :mod:`alexnet_mp.bench.attribution` the profiled steps into a
-per-layer table.
+torch's LRN instead of the fused one, the C library's default heap, channels_last,
+torch.compile, ranks pinned to their cores), and every (layout, variant, data) *arm* runs once
+per round, the rounds interleaved, so that the machine's drift hits every arm alike;
+:mod:`alexnet_mp.bench.stats` turns the rounds into intervals and verdicts, and
+:mod:`alexnet_mp.bench.attribution` the profiled steps into a per-layer table.
 :mod:`alexnet_mp.bench.micro` holds the two measurements beside it (start-up, the LRN alone).
 
 The modules, one job each (the package itself imports none of them):
