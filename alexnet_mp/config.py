@@ -39,7 +39,7 @@ class ModelConfig:
     init: str = "auto"
     # Overlap each exchange with the column's own half of the next layer (async collectives).
     # null: on for CUDA, off on CPU, where gloo shares the cores and the halved layers cost more
-    # than the wait they hide (measured with launch/bench.py, see README).
+    # than the wait they hide (docs/performance.md).
     overlap: bool | None = None
 
 
@@ -157,7 +157,6 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.nonfinite": ("stop", "skip"),
     "train.momentum_form": ("torch", "paper"),
     "data.bad_images": ("stop", "skip"),
-    "parallel.layout": ("columns", "hybrid"),
     "run.device": ("auto", "cpu", "cuda", "mps"),
 }
 POSITIVE = (
@@ -233,8 +232,16 @@ def _apply(cfg: Config, key: str, value: Any) -> None:
     setattr(getattr(cfg, section), name, _coerce(key, value, hints[name]))
 
 
+def _choices() -> dict[str, tuple[str, ...]]:
+    # The layouts are the plans' names; imported here because the plans import the models,
+    # which import this module.
+    from alexnet_mp.parallel.plans import LAYOUTS
+
+    return {**CHOICES, "parallel.layout": LAYOUTS}
+
+
 def _validate(cfg: Config) -> None:
-    for key, allowed in CHOICES.items():
+    for key, allowed in _choices().items():
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)
         if value not in allowed:

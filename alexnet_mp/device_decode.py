@@ -5,7 +5,7 @@ its crop already decoded (CPU: decoded in the worker, so that decoding stays par
 augmentation drawn for it as numbers: the crop box, the mirror bit and the PCA lighting's RGB
 shift. :func:`to_pixels` turns a batch of them into float images in [0, 1]: decode (bytes only),
 crop, mirror, lighting; :class:`alexnet_mp.data.BatchTransform` then resizes and normalises as
-it does for every data set. Training, evaluation and the bench all go through that one module.
+it does for every data set. Training and evaluation both go through that one module.
 
 Public API::
 

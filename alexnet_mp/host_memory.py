@@ -11,8 +11,8 @@ Keeping freed memory in the heap (no mmap for large blocks, no trimming) makes t
 reuse the first one's pages. This is what the allocators the PyTorch CPU tuning guide recommends
 (jemalloc, tcmalloc) do; glibc does it with two ``mallopt`` calls and nothing to install. The
 price is that resident memory stays at the step's high-water mark between steps instead of
-dropping after each one (2 % more at the paper's size in the benchmark, 8-11 % for the main job,
-whose training loop hands the pages back between its phases with :func:`release_freed_memory`).
+dropping after each one; the training loop hands the pages back between its phases with
+:func:`release_freed_memory`.
 
 Only glibc has ``mallopt``: elsewhere (macOS, musl) :func:`keep_freed_memory` returns False and
 :func:`release_freed_memory` does nothing.
@@ -28,14 +28,9 @@ M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
 M_MMAP_MAX = -4
 
-# glibc's defaults as a training process meets them after its first large free: the dynamic
-# mmap threshold has risen to its ceiling and the trim threshold to twice that.
-DEFAULT_MMAP_MAX = 65536
-DEFAULT_MMAP_THRESHOLD = 32 * 1024 * 1024
-DEFAULT_TRIM_THRESHOLD = 2 * DEFAULT_MMAP_THRESHOLD
 
-
-def _libc() -> ctypes.CDLL | None:
+def glibc() -> ctypes.CDLL | None:
+    """The C library, where it is glibc (the one with ``mallopt``); None elsewhere."""
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return None
     try:
@@ -44,25 +39,20 @@ def _libc() -> ctypes.CDLL | None:
         return None
 
 
-def keep_freed_memory(keep: bool = True) -> bool:
-    """``keep``: freed blocks stay in this process's heap for the next allocation (no mmap for
-    large blocks, no trimming). ``keep=False``: glibc's default behaviour as it stands after a
-    training step (large blocks mapped and unmapped, the top trimmed past 64 MiB).
+def keep_freed_memory() -> bool:
+    """Freed blocks stay in this process's heap for the next allocation (no mmap for large
+    blocks, no trimming).
 
     Applies to allocations made from now on, in this process and in processes it forks later
     (the data loader's workers). Returns whether the C library took the settings: False where it
     is not glibc.
     """
-    libc = _libc()
+    libc = glibc()
     if libc is None:
         return False
-    if keep:
-        # -1 disables trimming altogether (mallopt(3)); it also stops glibc from moving the
-        # thresholds itself.
-        settings = ((M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, -1))
-    else:
-        settings = ((M_MMAP_THRESHOLD, DEFAULT_MMAP_THRESHOLD),
-                    (M_TRIM_THRESHOLD, DEFAULT_TRIM_THRESHOLD), (M_MMAP_MAX, DEFAULT_MMAP_MAX))
+    # -1 disables trimming altogether (mallopt(3)); it also stops glibc from moving the
+    # thresholds itself.
+    settings = ((M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, -1))
     return all(libc.mallopt(param, value) == 1 for param, value in settings)
 
 
@@ -71,6 +61,6 @@ def release_freed_memory() -> None:
     threshold; well under a millisecond). Tensors held only by reference cycles are not freed
     yet: call ``gc.collect()`` first where that matters (it takes 150 ms with torch loaded, too
     much for every epoch of a short run)."""
-    libc = _libc()
+    libc = glibc()
     if libc is not None:
         libc.malloc_trim(0)

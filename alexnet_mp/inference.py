@@ -413,7 +413,7 @@ def predict(loaded: Loaded, paths: Sequence[str | Path], top: int = 5,
     Every rank calls this in lockstep with the same files.
     """
     info, device = loaded.info, loaded.layout.device
-    if loaded.layout.layout == "hybrid" and loaded.layout.distributed:
+    if loaded.layout.plan.splits_batch and loaded.layout.distributed:
         # Its model gathers a share of the batch from every rank: the same images on every rank
         # would come back once per rank.
         raise UserError("predict runs the same images on every rank, which parallel.layout="

@@ -22,10 +22,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from alexnet_mp import models
 from alexnet_mp.config import Config
 from alexnet_mp.errors import UserError
-from alexnet_mp.parallel.hybrid import HEAD, HybridAlexNet
 from alexnet_mp.parallel.layout import Layout
 
 GiB = 1 << 30
@@ -78,19 +76,9 @@ class _MetaExchange:
 def _rank_model(cfg: Config, layout: Layout) -> tuple[nn.Module, set[str]]:
     """This rank's model on the meta device, uninitialised, and the names of its replicated
     parameters (those whose gradients are all-reduced)."""
-    m, size = cfg.model, cfg.data.image_size
-    if layout.layout == "hybrid" and layout.distributed:
-        models.require_image_size(m, size)
-        with torch.device("meta"):
-            model = HybridAlexNet(models.arch_of(m, size), layout.rank, layout.world_size, None,
-                                  torch.Generator())
-        model.exchange = _MetaExchange(layout.rank, layout.world_size)
-        trunk = {n for n, _ in model.named_parameters() if n.split(".")[0] not in HEAD}
-        return model, trunk
     exchange = None if layout.column is None else _MetaExchange(layout.column, layout.columns)
-    model = models.meta_model(m, size, layout.column, exchange)
-    replicated = {n for n, _ in model.named_parameters()} if layout.replicas > 1 else set()
-    return model, replicated
+    model = layout.plan.meta_model(cfg.model, cfg.data.image_size, layout, exchange)
+    return model, layout.plan.synced_parameters(model, layout)[0]
 
 
 def _saved_bytes(model: nn.Module, batch: int, cfg: Config) -> int:

@@ -62,6 +62,12 @@ def test_bench_reports_every_layout_with_exact_exchange_bytes(idx_root, tmp_path
         if mode == "synthetic":
             assert r["flops_step"] > 0 and 0 < r["flops_fraction"]
     assert results[("split", "synthetic")]["exchange_bytes_counted"] > 0
+    # The exchanges are timed on every rank of every layout that has them, in both data modes.
+    for name in ("split", "split_overlap", "hybrid"):
+        for mode in ("synthetic", "loader"):
+            r = results[(name, mode)]
+            assert r["exchange_s"] > 0 and all(s > 0 for s in r["exchange_s_per_rank"]), name
+            assert r["exchange_bytes_counted"] > 0, name
     meshes = {name: results[(name, "loader")]["mesh"] for name in ("split", "ddp", "hybrid")}
     assert meshes == {"split": "column split", "ddp": "data parallel, 2 replicas",
                       "hybrid": "hybrid over 2 ranks"}

@@ -75,14 +75,14 @@ def nccl_layout(tmp_path):
 
 def test_nccl_with_one_rank_runs_every_collective_the_model_and_guard_use(nccl_layout):
     from alexnet_mp.guard import StepGuard
-    from alexnet_mp.parallel.exchange import ColumnExchange, Meter, gather_labels
+    from alexnet_mp.parallel.exchange import ColumnExchange, gather_labels
 
     layout, device = nccl_layout, nccl_layout.device
     conv = nn.Conv2d(4, 6, 3, padding=1).to(device)
     x = torch.randn(2, 4, 5, 5, device=device)
     expected = conv(x)
     for overlap in (True, False):  # the overlap path starts the gather, then waits on it
-        exchange = ColumnExchange(0, 1, layout.column_group, overlap, Meter(device))
+        exchange = ColumnExchange(0, 1, layout.column_group, overlap)
         xr = x.clone().requires_grad_()
         y = exchange.into(conv, xr)
         torch.testing.assert_close(y, expected)
@@ -104,13 +104,13 @@ def test_nccl_with_one_rank_runs_every_collective_the_model_and_guard_use(nccl_l
 
 
 def test_fused_lrn_on_the_gpu_equals_torch_per_column():
-    from alexnet_mp.models.columns import ColumnLRN
+    from alexnet_mp.bench.lrn import VARIANTS, make_lrn
 
     x = (torch.randn(4, 96, 13, 13, device="cuda") * 30).relu()
     lrn = nn.LocalResponseNorm(5, 1e-4, 0.75, 2)
-    for variant in ColumnLRN.VARIANTS:
+    for variant in VARIANTS:
         a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
-        y = ColumnLRN(2, variant)(a)
+        y = make_lrn(2, variant)(a)
         ref = torch.cat([lrn(b[:, :48]), lrn(b[:, 48:])], 1)
         g = torch.randn_like(ref)
         y.backward(g)

@@ -17,9 +17,10 @@ import torch.nn.functional as F
 from ranks import run_ranks
 from torch import nn
 
+from alexnet_mp.bench.traffic import MeteredExchange, TrafficMeter
 from alexnet_mp.errors import PeerLostError
 from alexnet_mp.parallel import exchange
-from alexnet_mp.parallel.exchange import ColumnExchange, Meter
+from alexnet_mp.parallel.exchange import ColumnExchange
 
 N = 4  # rows of the batch each rank holds
 TOL = dict(rtol=1e-5, atol=1e-6)
@@ -63,8 +64,8 @@ def _into_errors(rank: int, overlap: bool) -> dict[str, dict[str, float]]:
         mine, own = slice(rank * width, (rank + 1) * width), slice(rank * half, (rank + 1) * half)
         x = x_all.detach()[:, mine].clone().requires_grad_()
         layer = _rows(whole, rank)
-        meter = Meter()
-        y = ColumnExchange(rank, 2, None, overlap, meter).into(layer, x)
+        meter = TrafficMeter()
+        y = MeteredExchange(ColumnExchange(rank, 2, None, overlap), meter).into(layer, x)
         # Each rank's loss term reads only its own rows; their sum is the whole loss.
         (y * probe[:, own]).sum().backward()
         expected_bytes = 2 * x.numel() * x.element_size()  # gathered forward, scattered back

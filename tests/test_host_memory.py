@@ -70,10 +70,11 @@ def test_the_heap_switches_to_the_default_and_back():
     """The two settings the bench's malloc_default arms switch between, in one process: the
     default faults, the kept heap does not."""
     probe = _FAULTS + """
+from alexnet_mp.bench.heap import default_heap
 from alexnet_mp.host_memory import keep_freed_memory
 counts = []
 for keep in (True, False, True):
-    assert keep_freed_memory(keep)
+    assert (keep_freed_memory if keep else default_heap)()
     faults(12_000_000)
     counts.append(faults(10_000_000))
 print(*counts)

@@ -1,12 +1,13 @@
 """The fused LRN is the paper's LRN, per column: nn.LocalResponseNorm(5, 1e-4, 0.75, 2) on each
-column's channels, forward and gradients, to float32 rounding; the formulation it replaced
-stays selectable and equal too."""
+column's channels, forward and gradients, to float32 rounding; the bench's reference
+(torch's LRN per column) equals it too."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from alexnet_mp.bench.lrn import VARIANTS, make_lrn
 from alexnet_mp.models import columns
 from alexnet_mp.models.columns import ColumnLRN
 
@@ -16,7 +17,7 @@ def _per_column_reference(x: torch.Tensor, n: int) -> torch.Tensor:
     return torch.cat([lrn(part) for part in x.chunk(n, dim=1)], dim=1)
 
 
-@pytest.mark.parametrize("variant", ColumnLRN.VARIANTS)
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("n", [1, 2])
 def test_lrn_equals_torch_per_column_forward_and_backward(variant, channels_last, n):
@@ -26,7 +27,7 @@ def test_lrn_equals_torch_per_column_forward_and_backward(variant, channels_last
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     ours, ref = x.clone().requires_grad_(), x.clone().requires_grad_()
-    y = ColumnLRN(n, variant)(ours)
+    y = make_lrn(n, variant)(ours)
     y_ref = _per_column_reference(ref, n)
     grad = torch.randn(y.shape, generator=g)
     y.backward(grad)
@@ -41,7 +42,7 @@ def test_the_hand_written_backward_is_the_derivative(monkeypatch):
     monkeypatch.setitem(columns.LRN, "alpha", 3.0)
     x = (torch.rand(2, 14, 3, 3, dtype=torch.float64) * 2).requires_grad_()
     assert torch.autograd.gradcheck(lambda t: ColumnLRN(2)(t), (x,))
-    reference = ColumnLRN(2, "reference")
+    reference = make_lrn(2, "reference")
     torch.testing.assert_close(ColumnLRN(2)(x), reference(x))
 
 
@@ -59,4 +60,4 @@ def test_half_precision_is_normalised_in_float32():
 
 def test_an_unknown_variant_is_refused():
     with pytest.raises(ValueError, match="fused"):
-        ColumnLRN(2, "fast")
+        make_lrn(2, "fast")

@@ -12,7 +12,15 @@ import torch
 from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 
-from alexnet_mp.bench.layouts import COLUMN_SPLIT, ONE_DEVICE, bench_dims, layouts_for, mesh_name
+from alexnet_mp.bench.layouts import (
+    COLUMN_SPLIT,
+    DDP,
+    HYBRID_ARM,
+    ONE_DEVICE,
+    bench_dims,
+    layouts_for,
+    mesh_name,
+)
 from alexnet_mp.bench.work import Work, arch_for
 from alexnet_mp.config import Config
 from alexnet_mp.engine import sync_device as _sync
@@ -43,8 +51,8 @@ def param_counts(arch: Arch, column: int | None = None) -> dict[str, int]:
 def ring_bytes(numel: int, ranks: int) -> int:
     """What each rank receives in a ring all-reduce of ``numel`` floats: 2 (R-1)/R of them.
 
-    The hooks count each bucket with the same integer division, so the sum over buckets equals
-    this whenever R divides 8·numel of every bucket (always, for R = 2, 4 or 8).
+    The bench's count from the model's synced gradients
+    (:func:`~alexnet_mp.bench.traffic.allreduce_bytes`) divides the same way.
     """
     return FLOAT_BYTES * 2 * (ranks - 1) * numel // ranks
 
@@ -76,9 +84,9 @@ def analytic_traffic(name: str, cfg: Config, world: int, rank: int = 0) -> Traff
         column = rank % dims.columns
         return Traffic(exchange, ring_bytes(sum(param_counts(arch, column).values()),
                                             dims.replicas))
-    if name == "ddp":
+    if name == DDP:
         return Traffic(0, ring_bytes(sum(param_counts(arch).values()), world))
-    if name == "hybrid":
+    if name == HYBRID_ARM:
         others = world - 1
         trunk_features = COLUMNS * c5 * s3 * s3
         fc_rows = even_split(COLUMNS * f, world)[rank]  # the layout refuses uneven splits
@@ -107,7 +115,7 @@ def analytic_table(cfg: Config, worlds: list[int]) -> str:
              "| ranks | layout | mesh | exchange MB | all-reduce MB | total MB |",
              "|" + " --- |" * 6]
     for world in worlds:
-        for name in ("split", "ddp", "hybrid"):
+        for name in ("split", DDP, HYBRID_ARM):
             if name not in layouts_for(world):
                 continue
             try:

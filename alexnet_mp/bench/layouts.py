@@ -6,10 +6,13 @@ from __future__ import annotations
 from alexnet_mp.errors import UserError
 from alexnet_mp.models.columns import COLUMNS
 from alexnet_mp.parallel.layout import Layout, ParallelDims, parallel_dims
+from alexnet_mp.parallel.plans import HYBRID
 
-LAYOUTS = ("d2l", "grouped", "split", "split_overlap", "ddp", "hybrid")
 ONE_DEVICE = ("d2l", "grouped")
 COLUMN_SPLIT = ("split", "split_overlap")
+DDP = "ddp"
+HYBRID_ARM = HYBRID.name  # the arm is the training path's hybrid plan, under its name
+LAYOUTS = (*ONE_DEVICE, *COLUMN_SPLIT, DDP, HYBRID_ARM)
 
 
 def layouts_for(world: int) -> list[str]:
@@ -17,7 +20,7 @@ def layouts_for(world: int) -> list[str]:
     if world == 1:
         return list(ONE_DEVICE)
     split = list(COLUMN_SPLIT) if world % COLUMNS == 0 else []
-    return [*ONE_DEVICE, *split, "ddp", "hybrid"]
+    return [*ONE_DEVICE, *split, DDP, HYBRID_ARM]
 
 
 def bench_dims(name: str, world: int) -> ParallelDims:
@@ -26,10 +29,10 @@ def bench_dims(name: str, world: int) -> ParallelDims:
         return ParallelDims(1, 1, "columns")
     if name in COLUMN_SPLIT:
         return parallel_dims("alexnet_columns", world, columns=COLUMNS)
-    if name == "ddp":
+    if name == DDP:
         return parallel_dims("alexnet_grouped", world, columns=1)
-    if name == "hybrid":
-        return parallel_dims("alexnet_columns", world, layout="hybrid")
+    if name == HYBRID_ARM:
+        return parallel_dims("alexnet_columns", world, layout=HYBRID.name)
     raise UserError(f"unknown bench layout '{name}'; choose from {', '.join(LAYOUTS)}")
 
 
@@ -37,7 +40,7 @@ def mesh_name(name: str, dims: ParallelDims) -> str:
     """The name the training path gives this mesh (``Layout.name``)."""
     if name in ONE_DEVICE:
         return Layout().name
-    whole = dims.layout == "columns" and dims.columns == 1
+    whole = dims.plan.whole_model(dims)
     return Layout(world_size=dims.world_size, layout=dims.layout, columns=dims.columns,
                   column=None if whole else 0, replicas=dims.replicas).name
 

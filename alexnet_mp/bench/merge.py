@@ -14,11 +14,12 @@ from alexnet_mp.bench.layouts import ONE_DEVICE
 from alexnet_mp.config import Config
 
 
-def _groups(name: str, records: list[dict]) -> list[list[int]]:
-    """Which active ranks exchange with which: a replica's columns, or (hybrid) all."""
+def _groups(records: list[dict]) -> list[list[int]]:
+    """Which active ranks exchange with which: a replica's columns (the hybrid layout's
+    "columns" are all of its ranks)."""
     ranks = list(range(len(records)))
     columns = records[0]["columns"]
-    if name == "hybrid" or columns <= 1:
+    if columns <= 1:
         return [ranks]
     return [ranks[i:i + columns] for i in range(0, len(ranks), columns)]
 
@@ -78,13 +79,13 @@ def _guard_waits(records: list[dict]) -> list[float]:
     return [statistics.median(p[i] - fastest[i] for i in range(steps)) for p in per]
 
 
-def _attribution(name: str, records: list[dict]) -> dict[str, Any] | None:
+def _attribution(records: list[dict]) -> dict[str, Any] | None:
     """Every rank's per-layer seconds, with each rank's waiting inside the exchanges moved from
     the exchange lines to a line of its own."""
     tables = [r.get("attribution") for r in records]
     if any(t is None for t in tables):
         return None
-    waits = exchange_waits([t["calls"] for t in tables], _groups(name, records))
+    waits = exchange_waits([t["calls"] for t in tables], _groups(records))
     ranks = []
     for t, w in zip(tables, waits):
         lines = {k: dict(v) for k, v in t["lines"].items()}
@@ -126,10 +127,10 @@ def merge_ranks(name: str, mode: str, cfg: Config, records: list[dict], world: i
     out["allreduce_s_per_rank"] = [r["allreduce_s"] for r in active]
     out["allreduce_s"] = max(out["allreduce_s_per_rank"])
     calls = [r["calls_steps"] for r in active]
-    waits = exchange_waits(calls, _groups(name, active))
+    waits = exchange_waits(calls, _groups(active))
     out["exchange_wait_s_per_rank"] = [
         statistics.median(s["forward"] + s["backward"] for s in w) if w else 0.0 for w in waits]
-    out["exchange_wait_by_call_s_per_rank"] = _waits_by_call(calls, _groups(name, active))
+    out["exchange_wait_by_call_s_per_rank"] = _waits_by_call(calls, _groups(active))
     # What the exchanges of a step are: phase, collective, elements this rank put in.
     out["exchange_calls"] = [[c[0], *c[2:]] for c in (calls[0][-1] if calls[0] else [])]
     if "guard_s_steps" in active[0]:
@@ -157,7 +158,7 @@ def merge_ranks(name: str, mode: str, cfg: Config, records: list[dict], world: i
     out["probe_flops"] = sum(out["probe_flops_per_rank"])
     if mode == "synthetic" and all(r.get("flops_rank") for r in active):
         out["flops_step"] = sum(r["flops_rank"] for r in active)
-    table = _attribution(name, active)
+    table = _attribution(active)
     if table is not None:
         out["attribution"] = table
     return out

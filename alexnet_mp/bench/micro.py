@@ -1,6 +1,6 @@
 """Two measurements beside the layout comparison: the main job's start-up (launch to first
-step, and what one process spends on each part of it), and the LRN alone in both of its
-formulations (:class:`~alexnet_mp.models.columns.ColumnLRN`), interleaved like the bench's arms.
+step, and what one process spends on each part of it), and the LRN alone, fused against torch's
+(:mod:`alexnet_mp.bench.lrn`), interleaved like the bench's arms.
 """
 
 from __future__ import annotations
@@ -15,12 +15,13 @@ import torch
 import torch.nn.functional as F
 
 from alexnet_mp.bench import stats
+from alexnet_mp.bench.lrn import VARIANTS, make_lrn
 from alexnet_mp.bench.work import arch_for, make_model, make_sgd
 from alexnet_mp.config import Config
 from alexnet_mp.data import BatchTransform, build_data
 from alexnet_mp.errors import UserError
 from alexnet_mp.loader import make_loader
-from alexnet_mp.models.columns import COLUMNS, ColumnLRN, sides
+from alexnet_mp.models.columns import COLUMNS, sides
 from alexnet_mp.parallel.layout import Layout
 
 
@@ -112,20 +113,21 @@ def startup_parts(cfg: Config) -> dict[str, float]:
 
 
 def lrn_bench(cfg: Config, rounds: int, reps: int = 5) -> list[dict]:
-    """The LRN alone, forward and backward, in both variants (:class:`ColumnLRN`), at the
-    shapes the config gives it after conv1 and conv2 (both columns, the global batch), with
-    this process's threads. Variants and shapes interleave within each round, so the ratio
-    reference / fused comes with a paired interval like every other comparison here."""
+    """The LRN alone, forward and backward, in both variants
+    (:func:`~alexnet_mp.bench.lrn.make_lrn`), at the shapes the config gives it after conv1 and
+    conv2 (both columns, the global batch), with this process's threads. Variants and shapes
+    interleave within each round, so the ratio reference / fused comes with a paired interval
+    like every other comparison here."""
     c1, c2 = arch_for(cfg).per_column[:2]
     s1, s2 = sides(cfg.data.image_size)[:2]
     n = cfg.train.batch_size
     shapes = {"after conv1": (n, COLUMNS * c1, s1, s1), "after conv2": (n, COLUMNS * c2, s2, s2)}
     g = torch.Generator().manual_seed(cfg.train.seed)
     inputs = {k: (torch.randn(shape, generator=g) * 10).relu() for k, shape in shapes.items()}
-    samples = {(k, v): [] for k in shapes for v in ColumnLRN.VARIANTS}
+    samples = {(k, v): [] for k in shapes for v in VARIANTS}
     for _ in range(rounds + 1):  # the first round warms the allocator up and is dropped
         for (key, variant), out in samples.items():
-            lrn = ColumnLRN(COLUMNS, variant)
+            lrn = make_lrn(COLUMNS, variant)
             x = inputs[key].clone().requires_grad_()
             grad = torch.ones(shapes[key])
             times = []

@@ -20,6 +20,7 @@ import torch.distributed as dist
 from alexnet_mp.bench import attribution, stats
 from alexnet_mp.bench.counts import count_flops, matmul_probe
 from alexnet_mp.bench.floor import replay
+from alexnet_mp.bench.heap import default_heap
 from alexnet_mp.bench.layouts import ONE_DEVICE, bench_dims, check_layouts, mesh_name
 from alexnet_mp.bench.memory import PeakRSS, tensor_peak
 from alexnet_mp.bench.merge import merge_ranks, merge_rounds
@@ -53,16 +54,16 @@ def run_layout(name: str, mode: str, cfg: Config, layout: Layout, steps: int,
     place = pinned(layout, whole_node=one) if "pinned" in variant.flags \
         else contextlib.nullcontext()
     # The heap's behaviour is the process's: the arm switches it, and back for the next arm.
-    default_heap = "malloc_default" in variant.flags and layout.device.type == "cpu"
-    if default_heap:
-        keep_freed_memory(False)
+    default = "malloc_default" in variant.flags and layout.device.type == "cpu"
+    if default:
+        default_heap()
     try:
         with place:
             return _run_layout(name, mode, cfg, layout, steps, warmup, profile_dir, variant,
                                first, cache if cache is not None else {})
     finally:
         torch.set_num_threads(threads)
-        if default_heap and cfg.run.keep_host_memory:
+        if default and cfg.run.keep_host_memory:
             keep_freed_memory()
         if layout.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -160,10 +161,9 @@ def _tensor_memory(work: Work, batches: Batches) -> dict[str, Any] | None:
 
 
 def _step_record(work: Work, times: dict[str, list], steps: int) -> dict[str, Any]:
-    meter = work.meter
     return {**{f"{k}_steps": v for k, v in times.items()},
-            "exchange_bytes_counted": meter.exchange_bytes // steps,
-            "allreduce_bytes_counted": meter.allreduce_bytes // steps}
+            "exchange_bytes_counted": work.meter.bytes // steps,
+            "allreduce_bytes_counted": work.allreduce_bytes}
 
 
 def _timed_steps(work: Work, batches: Batches, steps: int, warmup: int) -> dict[str, Any]:

@@ -1,6 +1,6 @@
 """One layout's work on one rank, as the timing loop sees it: the model from the training path's
-own builder, its loss, optimizer and step; the variant it runs as; the meter that tells the
-exchanges' traffic from the all-reduce's; and the batches it takes."""
+own builder, its loss, optimizer and step; the variant it runs as; the meter on its exchanges
+and the bytes its gradient all-reduce moves; and the batches it takes."""
 
 from __future__ import annotations
 
@@ -12,58 +12,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from alexnet_mp.bench.layouts import ONE_DEVICE
+from alexnet_mp.bench.layouts import DDP, ONE_DEVICE
+from alexnet_mp.bench.lrn import use_reference_lrn
+from alexnet_mp.bench.traffic import TrafficMeter, allreduce_bytes, meter_exchanges
 from alexnet_mp.config import Config
 from alexnet_mp.data import BatchTransform, build_data
 from alexnet_mp.errors import UserError
 from alexnet_mp.guard import StepGuard
 from alexnet_mp.loader import make_loader, set_epoch
 from alexnet_mp.models import arch_of
-from alexnet_mp.models.columns import Arch, ColumnLRN
+from alexnet_mp.models.columns import Arch
 from alexnet_mp.optim import build_optimizer, step_unless
 from alexnet_mp.parallel.build import build_model
-from alexnet_mp.parallel.exchange import Meter
 from alexnet_mp.parallel.layout import Layout
-
-
-class TrafficMeter(Meter):
-    """The exchange meter, telling the two kinds of traffic apart, and keeping every exchange's
-    duration in order (with the phase it ran in), from which
-    :func:`~alexnet_mp.bench.merge.exchange_waits` tells a rank's waiting for its peer from the
-    exchange's own cost.
-
-    Every exchange reports through :meth:`stop`; the gradient all-reduce hooks (replicas,
-    hybrid trunk) add to ``bytes`` directly, so what ``stop`` did not see is all-reduce traffic.
-    """
-
-    def __init__(self, device: torch.device | None = None) -> None:
-        super().__init__(device)
-        self.exchange_bytes = 0
-        # (phase, seconds, collective, elements put in) per exchange, in order
-        self.calls: list[tuple[str, float, str, int]] = []
-
-    def stop(self, started: float, received: int = 0, call: tuple[str, int] | None = None) -> None:
-        seconds = self.seconds
-        super().stop(started, received, call)
-        kind, numel = call or ("", 0)
-        # Only the gathers' backward reduce-scatters, which autograd runs, are backward
-        # exchanges; so the phase holds in the training loop too, which does not tell the meter.
-        phase = "backward" if kind == "reduce_scatter" else "forward"
-        self.calls.append((phase, self.seconds - seconds, kind, numel))
-        self.exchange_bytes += received
-
-    @property
-    def allreduce_bytes(self) -> int:
-        return self.bytes - self.exchange_bytes
-
-    def reset(self) -> None:
-        self.seconds, self.bytes, self.exchange_bytes = 0.0, 0, 0
-        self.calls = []
-
 
 VARIANT_FLAGS = ("lrn_ref", "malloc_default", "channels_last", "compile", "pinned")
 VARIANT_HELP = {
-    "lrn_ref": "the LRN as it was before (autograd through a fractional power), for before/after",
+    "lrn_ref": "torch's LRN (F.local_response_norm) per column instead of the fused one, for "
+               "before/after",
     "malloc_default": "glibc's default heap, which hands large freed blocks back to the OS "
                       "(run.keep_host_memory=false), for before/after",
     "channels_last": "model and input in channels_last memory format",
@@ -98,9 +64,7 @@ class Variant:
     def prepare(self, model: nn.Module, cfg: Config) -> nn.Module:
         """The model as this variant runs it (the same object, changed in place)."""
         if "lrn_ref" in self.flags:
-            for m in model.modules():
-                if isinstance(m, ColumnLRN):
-                    m.variant = "reference"
+            use_reference_lrn(model)
         if self.memory_format(cfg) is torch.channels_last:
             model = model.to(memory_format=torch.channels_last)
         return model
@@ -114,11 +78,12 @@ class Work:
     runner: nn.Module  # what the step calls: the model, or its compiled form
     forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # the loss
     optimizer: torch.optim.Optimizer | None
-    meter: TrafficMeter
+    meter: TrafficMeter  # the exchanges
     local_batch: int
     active: bool  # False on the ranks that wait during one-device layouts
     layout: Layout  # where the model runs (one device: a layout of its own)
     guard: StepGuard | None = None
+    allreduce_bytes: int = 0  # received per step in the gradient all-reduce
 
     def step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Forward and backward, as the training loop runs them."""
@@ -147,11 +112,10 @@ def arch_for(cfg: Config) -> Arch:
     return arch_of(cfg.model, cfg.data.image_size)
 
 
-def make_model(cfg: Config, layout: Layout, name: str, meter: Meter | None = None,
-               overlap: bool = False) -> nn.Module:
+def make_model(cfg: Config, layout: Layout, name: str, overlap: bool = False) -> nn.Module:
     """The training path's own builder: the exchange and gradient sync ``layout`` calls for."""
     model_cfg = dataclasses.replace(cfg.model, name=name, overlap=overlap)
-    return build_model(model_cfg, cfg.data.image_size, layout, cfg.train.seed, meter)
+    return build_model(model_cfg, cfg.data.image_size, layout, cfg.train.seed)
 
 
 def build_work(name: str, cfg: Config, layout: Layout, variant: Variant = Variant()) -> Work:
@@ -167,8 +131,9 @@ def build_work(name: str, cfg: Config, layout: Layout, variant: Variant = Varian
         model = make_model(cfg, on, "alexnet_d2l" if name == "d2l" else "alexnet_grouped")
     else:
         on = layout
-        model_name = "alexnet_grouped" if name == "ddp" else "alexnet_columns"
-        model = make_model(cfg, layout, model_name, meter, overlap=name == "split_overlap")
+        model_name = "alexnet_grouped" if name == DDP else "alexnet_columns"
+        model = meter_exchanges(make_model(cfg, layout, model_name,
+                                           overlap=name == "split_overlap"), meter)
     model = variant.prepare(model, cfg)
     runner = torch.compile(model) if "compile" in variant.flags else model
 
@@ -178,7 +143,7 @@ def build_work(name: str, cfg: Config, layout: Layout, variant: Variant = Varian
 
     guard = StepGuard(on.distributed, on.step_group, on.device)
     return Work(model, runner, forward, make_sgd(model, cfg), meter, on.local_batch(batch), True,
-                on, guard)
+                on, guard, allreduce_bytes(model, on))
 
 
 class Batches:

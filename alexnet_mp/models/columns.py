@@ -162,37 +162,16 @@ class _FusedLRN(torch.autograd.Function):
 class ColumnLRN(nn.Module):
     """LRN that never mixes columns: each column's channels are normalised on their own.
 
-    The same function as ``nn.LocalResponseNorm(5, 1e-4, 0.75, 2)`` per column. ``variant``
-    "fused" (the default) is :class:`_FusedLRN`; "reference" is the formulation it replaced
-    (five shifted adds of the padded squares and a fractional power, differentiated by
-    autograd), kept so that the benchmark can measure the two in one run.
+    The same function as ``nn.LocalResponseNorm(5, 1e-4, 0.75, 2)`` per column, computed by
+    :class:`_FusedLRN`.
     """
 
-    VARIANTS = ("fused", "reference")
-
-    def __init__(self, columns: int, variant: str = "fused") -> None:
+    def __init__(self, columns: int) -> None:
         super().__init__()
-        if variant not in self.VARIANTS:
-            raise ValueError(f"ColumnLRN variant must be one of {self.VARIANTS}, not {variant!r}")
         self.columns = columns
-        self.variant = variant
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.variant == "fused":
-            return _FusedLRN.apply(x, self.columns)
-        return self._reference(x)
-
-    def _reference(self, x: torch.Tensor) -> torch.Tensor:
-        n, c, h, w = x.shape
-        size, half = LRN["size"], LRN["size"] // 2
-        per = c // self.columns
-        g = x.reshape(n, self.columns, per, h, w)
-        sq = F.pad(g * g, (0, 0, 0, 0, half, size - 1 - half))
-        window = sq[:, :, 0:per]
-        for i in range(1, size):
-            window = window + sq[:, :, i:i + per]
-        out = g / (LRN["k"] + LRN["alpha"] / size * window).pow(LRN["beta"])
-        return out.reshape(n, c, h, w)
+        return _FusedLRN.apply(x, self.columns)
 
 
 class ColumnDropout(nn.Module):

@@ -1,8 +1,9 @@
 """The model a config names, for this rank's place in the layout, ready to train.
 
-This is where parallelism is applied to a model: the model is handed its exchange (which
-column, over which group) and then its gradient sync; the model module itself never looks for a
-process group.
+This is where parallelism is applied to a model: the layout's plan
+(:mod:`alexnet_mp.parallel.plans`) hands the model its exchange (which column, over which group)
+and then its gradient sync; the model module itself never looks for a process group. And
+``train.compile``, on any layout.
 """
 
 from __future__ import annotations
@@ -12,41 +13,14 @@ import shutil
 
 from torch import nn
 
-from alexnet_mp import models
 from alexnet_mp.config import ModelConfig
-from alexnet_mp.parallel.exchange import ColumnExchange, Meter
-from alexnet_mp.parallel.hybrid import HybridAlexNet
 from alexnet_mp.parallel.layout import Layout
-from alexnet_mp.parallel.replicas import parallelize
 
 
-def overlap_of(cfg: ModelConfig, layout: Layout) -> bool:
-    """``model.overlap`` null: on with CUDA (NCCL has its own stream), off on the CPU, where gloo
-    computes on the same cores and two half layers cost more than the one they replace."""
-    return cfg.overlap if cfg.overlap is not None else layout.device.type == "cuda"
-
-
-def build_model(cfg: ModelConfig, image_size: int, layout: Layout, seed: int,
-                meter: Meter | None = None) -> nn.Module:
+def build_model(cfg: ModelConfig, image_size: int, layout: Layout, seed: int) -> nn.Module:
     """The model on ``layout.device``, initialised from ``seed`` the same way in every layout,
-    with its exchanges and gradient sync. ``meter`` (the benchmark's) times the exchanges and
-    counts their bytes."""
-    if layout.layout == "hybrid" and layout.distributed:
-        models.require_image_size(cfg, image_size)
-        arch = models.arch_of(cfg, image_size)
-        overlap = overlap_of(cfg, layout)
-        model = models.materialize(
-            lambda g: HybridAlexNet(arch, layout.column, layout.columns, layout.column_group, g,
-                                    meter, overlap),
-            cfg, image_size, layout.device, seed)
-    else:
-        exchange = None
-        if layout.column is not None:
-            exchange = ColumnExchange(layout.column, layout.columns, layout.column_group,
-                                      overlap_of(cfg, layout), meter)
-        model = models.build_model(cfg, image_size, layout.device, seed, exchange=exchange,
-                                   replica=layout.replica)
-    return parallelize(model, layout, meter)
+    with the exchanges and gradient sync its plan gives it."""
+    return layout.plan.build(cfg, image_size, layout, seed)
 
 
 # torch.compile's backend; tests swap in "aot_eager", which traces the same graphs (forward and

@@ -36,7 +36,7 @@ from alexnet_mp.models.columns import (
     even_split,
     trunk_size,
 )
-from alexnet_mp.parallel.exchange import ColumnExchange, Meter
+from alexnet_mp.parallel.exchange import ColumnExchange
 
 TRUNK = ("conv1", "conv2", "conv3", "conv4", "conv5")
 HEAD = ("fc6", "fc7", "fc8")
@@ -55,8 +55,7 @@ class HybridAlexNet(nn.Module):
     """
 
     def __init__(self, arch: Arch, rank: int, world: int, group: dist.ProcessGroup | None,
-                 generator: torch.Generator, meter: Meter | None = None,
-                 overlap: bool = False) -> None:
+                 generator: torch.Generator, overlap: bool = False) -> None:
         super().__init__()
         c1, c2, c3, c4, c5, f = arch.per_column
         if (COLUMNS * f) % world:
@@ -68,7 +67,7 @@ class HybridAlexNet(nn.Module):
                             "ranks that split fc8 in parallel.layout=hybrid; use fewer ranks or "
                             "parallel.layout=columns")
         self.arch, self.column, self.generator = arch, rank, generator
-        self.exchange = ColumnExchange(rank, world, group, overlap, meter)
+        self.exchange = ColumnExchange(rank, world, group, overlap)
         for name, module in conv_layers(arch, COLUMNS).items():
             setattr(self, name, module)
         self.full_rows = {"conv1": COLUMNS * c1, "conv2": COLUMNS * c2, "conv3": COLUMNS * c3,
@@ -109,30 +108,25 @@ class HybridAlexNet(nn.Module):
         return self.exchange.logits(x, self.row_split["fc8"])
 
 
-def summing_hook(meter: Meter | None = None) -> Callable:
+def summing_hook() -> Callable:
     """A DDP comm hook that sums each bucket over the group (DDP's default averages)."""
 
     # Unannotated on purpose: DDP rejects a hook whose annotations are not the GradBucket and
     # Future classes themselves, and postponed annotations are strings.
     def hook(group, bucket):
-        buf = bucket.buffer()
-        if meter is not None:  # a ring all-reduce receives 2 (W-1)/W of the bucket
-            world = group.size()
-            meter.bytes += 2 * (world - 1) * buf.numel() * buf.element_size() // world
-        work = dist.all_reduce(buf, group=group, async_op=True)
+        work = dist.all_reduce(bucket.buffer(), group=group, async_op=True)
         return work.get_future().then(lambda fut: fut.value()[0])
 
     return hook
 
 
 def sum_trunk_grads(model: HybridAlexNet, mesh: DeviceMesh | None = None,
-                    group: dist.ProcessGroup | None = None,
-                    meter: Meter | None = None) -> HybridAlexNet:
+                    group: dist.ProcessGroup | None = None) -> HybridAlexNet:
     """Sum the trunk's gradients over the ranks during backward, in place (``model`` stays the
     same object, its parameters keep their names). Give the 1-D ``mesh`` or the ``group``."""
     kwargs: dict[str, Any] = {"device_mesh": mesh} if mesh is not None else {
         "process_group": group if group is not None else dist.group.WORLD}
     replicate(model, ignored_modules=[getattr(model, name) for name in HEAD], **kwargs)
     model.register_comm_hook(mesh.get_group() if mesh is not None else kwargs["process_group"],
-                             summing_hook(meter))
+                             summing_hook())
     return model

@@ -25,30 +25,13 @@ from torch.distributed.device_mesh import DeviceMesh
 from alexnet_mp.errors import UserError, peer_errors
 from alexnet_mp.guard import StepSync
 from alexnet_mp.host_memory import keep_freed_memory
-from alexnet_mp.parallel.exchange import gather_labels
+from alexnet_mp.parallel.plans import LAYOUTS, PLANS, SPLITTABLE, ParallelDims, Plan
 from alexnet_mp.parallel.startup import LaunchEnv, start_default_group
 
-SPLITTABLE = ("alexnet_columns",)
-LAYOUTS = ("columns", "hybrid")
+__all__ = ["LAYOUTS", "SPLITTABLE", "Layout", "ParallelDims", "mesh_layout", "parallel_dims",
+           "pick_device", "setup_layout"]
+
 MESH_DIMS = ("replica", "column")
-
-
-@dataclass(frozen=True)
-class ParallelDims:
-    """How the world is cut, validated (after torchtitan's ``ParallelDims``)."""
-
-    world_size: int = 1
-    columns: int = 1  # ranks sharing one replica's model: 2 for the paper's columns
-    layout: str = "columns"  # or "hybrid": trunk data-parallel, FC rows split over every rank
-
-    @property
-    def replicas(self) -> int:
-        return self.world_size // self.columns
-
-    @property
-    def data_shards(self) -> int:
-        """Into how many different shares each global batch is cut."""
-        return self.world_size if self.layout == "hybrid" else self.replicas
 
 
 def parallel_dims(model_name: str, world_size: int, *, columns: int | None = None,
@@ -57,8 +40,8 @@ def parallel_dims(model_name: str, world_size: int, *, columns: int | None = Non
     """The one check of every parallel setting; a problem is one line naming what to change.
 
     ``columns`` None means automatic: the paper's two columns for alexnet_columns on more than
-    one rank, the whole model on every rank otherwise. ``layout="hybrid"`` splits the FC layers
-    over all ranks and replicates the convolution trunk on each.
+    one rank, the whole model on every rank otherwise. ``layout`` names the plan
+    (:mod:`alexnet_mp.parallel.plans`), which checks what only it knows.
     """
     device = device if device is not None else torch.device("cpu")
     if layout not in LAYOUTS:
@@ -73,31 +56,7 @@ def parallel_dims(model_name: str, world_size: int, *, columns: int | None = Non
         raise UserError(f"{local_world_size} ranks on this node but only "
                         f"{torch.cuda.device_count()} CUDA device(s); lower --nproc_per_node or "
                         "set run.device=cpu")
-    if layout == "hybrid":
-        if world_size < 2:
-            raise UserError("parallel.layout=hybrid splits the FC layers over several ranks, but "
-                            "this is 1 rank; run torchrun --nproc_per_node=2 (or more) or set "
-                            "parallel.layout=columns")
-        if model_name not in SPLITTABLE:
-            raise UserError(f"parallel.layout=hybrid needs model.name=alexnet_columns (the "
-                            f"paper's net), not {model_name}; set model.name=alexnet_columns or "
-                            "parallel.layout=columns")
-        if columns is not None:
-            raise UserError(f"parallel.columns={columns} does not apply to parallel.layout=hybrid, "
-                            "which splits the FC layers over all ranks; remove parallel.columns "
-                            "(set it to null)")
-        return ParallelDims(world_size, world_size, "hybrid")
-    if columns is None:
-        columns = 2 if model_name in SPLITTABLE and world_size > 1 else 1
-    if columns == 2 and model_name not in SPLITTABLE:
-        raise UserError(f"model.name={model_name} cannot be split into columns; set "
-                        "parallel.columns=1 (the whole model on every rank, data parallel) or "
-                        "model.name=alexnet_columns")
-    if world_size % columns:
-        raise UserError(f"{world_size} rank(s) cannot hold two columns per replica; run an even "
-                        "number of ranks (torchrun --nproc_per_node=2, 4, ...) or set "
-                        "parallel.columns=1 (data parallel only)")
-    return ParallelDims(world_size, columns, "columns")
+    return PLANS[layout].dims(model_name, world_size, columns)
 
 
 @dataclass
@@ -107,7 +66,7 @@ class Layout:
     local_rank: int = 0
     local_world_size: int = 1
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    layout: str = "columns"  # parallel.layout
+    layout: str = "columns"  # parallel.layout: the plan's name in PLANS
     columns: int = 1  # ranks per replica, one column each (hybrid: every rank, FC rows split)
     column: int | None = None  # None: the whole model lives here
     replicas: int = 1
@@ -116,6 +75,11 @@ class Layout:
     column_group: dist.ProcessGroup | None = None  # exchanges (hybrid: also the trunk's grads)
     replica_group: dist.ProcessGroup | None = None  # averaging gradients between replicas
     step_group: dist.ProcessGroup | None = None  # the per-step guard over the whole world
+
+    @property
+    def plan(self) -> Plan:
+        """What this layout builds, reads and reports (:mod:`alexnet_mp.parallel.plans`)."""
+        return PLANS[self.layout]
 
     @property
     def group(self) -> dist.ProcessGroup | None:
@@ -146,19 +110,12 @@ class Layout:
 
     @property
     def data_shard(self) -> int:
-        """Which share this rank takes: its replica's, or (hybrid) its own."""
-        return self.rank if self.layout == "hybrid" else self.replica
+        """Which share this rank takes (its replica's, or its own)."""
+        return self.plan.data_shard(self)
 
     @property
     def name(self) -> str:
-        if self.layout == "hybrid":
-            return f"hybrid over {self.world_size} ranks"
-        if self.column is None:
-            return ("single device" if self.replicas == 1
-                    else f"data parallel, {self.replicas} replicas")
-        if self.replicas == 1:
-            return "column split"
-        return f"{self.columns} columns x {self.replicas} replicas"
+        return self.plan.describe(self)
 
     def local_batch(self, global_batch: int) -> int:
         """This rank's share of a global batch of ``global_batch`` examples."""
@@ -169,11 +126,9 @@ class Layout:
         return global_batch // shards
 
     def loss_targets(self, y: torch.Tensor) -> torch.Tensor:
-        """The labels that go with the model's logits: in the hybrid layout the model returns the
-        whole batch's logits from every rank's share, so the labels are gathered likewise."""
-        if self.layout != "hybrid" or not self.distributed:
-            return y
-        return gather_labels(y, self.column_group)
+        """The labels that go with the model's logits (gathered where the model returns the
+        whole batch's logits from every rank's share)."""
+        return self.plan.loss_targets(self, y)
 
     @property
     def counts_figures(self) -> bool:
@@ -287,7 +242,7 @@ def mesh_layout(dims: ParallelDims, *, device: torch.device, timeout_s: float,
                                  mesh=torch.arange(world).view(replicas, columns),
                                  mesh_dim_names=MESH_DIMS)
     replica, column = mesh.get_local_rank("replica"), mesh.get_local_rank("column")
-    whole = dims.layout == "columns" and columns == 1
+    whole = dims.plan.whole_model(dims)
     return Layout(rank=rank, world_size=world, local_rank=local_rank,
                   local_world_size=local_world_size, device=device, layout=dims.layout,
                   columns=columns, column=None if whole else column, replicas=replicas,
