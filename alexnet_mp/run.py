@@ -26,8 +26,6 @@ from alexnet_mp.pipeline import pipeline
 from alexnet_mp.runfolder import RunFolder, check_room
 from alexnet_mp.schedule import make_scheduler
 
-__all__ = ["Trainer", "make_scheduler"]
-
 
 class Trainer:
     """Holds what a run builds, so that checkpoints can save and restore all of it."""
