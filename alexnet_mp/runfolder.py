@@ -1,21 +1,26 @@
-"""The run folder before training starts: one job at a time, writable, room for checkpoints.
+"""The run folder: its lock, the resolved config, the metrics log, the curves and the history.
 
-Everything here runs on rank 0, the only rank that writes files. A problem found here costs
-seconds; found at the first save it would cost an epoch.
+Rank 0 alone writes files. Before training it proves there is one job at a time, a writable
+folder and room for checkpoints: a problem found then costs seconds; found at the first save it
+would cost an epoch.
 """
 
 from __future__ import annotations
 
 import contextlib
+import datetime
 import fcntl
 import os
 import shutil
 import socket
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from alexnet_mp.checkpoint import remove_temporaries
+from alexnet_mp.config import Config, dump_config
 from alexnet_mp.errors import UserError, count
+from alexnet_mp.metrics import MetricsLog, append_json, plot_curves
 
 LOCK_NAME = ".lock"
 
@@ -116,3 +121,65 @@ def check_room(checkpoints: Path, checkpoint_bytes: int, keep: int) -> None:
                         f"checkpoints (run.keep_checkpoints + 1) need about {need / 2**20:.1f} "
                         "MiB; free space, lower run.keep_checkpoints or set run.dir to another "
                         "disk")
+
+
+def _now() -> str:
+    return datetime.datetime.now().isoformat(timespec="seconds")
+
+
+class RunFolder:
+    """A run's files, written by rank 0 alone; on the other ranks every write does nothing.
+
+    ``config.yaml`` is the config in force; ``history.jsonl`` keeps every start's config (with
+    the keys changed since the checkpoint it resumed from) and every stop on request.
+    """
+
+    def __init__(self, path: Path, is_main: bool) -> None:
+        self.path, self.is_main = path, is_main
+        self.checkpoints = path / "checkpoints"
+        self.lock: RunFolderLock | None = None
+        self.log: MetricsLog | None = None
+
+    def open(self, tensorboard: bool, warn: Callable[[str], None]) -> None:
+        """Rank 0 prepares the folder and takes its lock (:func:`prepare`); then every rank
+        opens the metrics log, which only rank 0's writes."""
+        if self.is_main:
+            self.lock = prepare(self.path, self.checkpoints, warn)
+        self.log = MetricsLog(self.path / "metrics.jsonl", enabled=self.is_main,
+                              tensorboard=self.path if tensorboard else None)
+
+    def close(self, tidy: bool = False) -> None:
+        """``tidy``: a job refused before it trained leaves the disk as it found it."""
+        if self.log is not None:
+            self.log.close()
+        if self.lock is not None:
+            self.lock.release(tidy)
+            self.lock = None
+
+    def record_start(self, cfg: Config, step: int, resumed_from: Path | None,
+                     changes: list[str]) -> None:
+        if not self.is_main:
+            return
+        append_json(self.path / "history.jsonl", {
+            "event": "eval_only" if cfg.train.eval_only else "start", "time": _now(),
+            "step": step, "resumed_from": str(resumed_from) if resumed_from else None,
+            "changed": changes, "config": cfg.to_dict()})
+        if not cfg.train.eval_only:
+            try:
+                dump_config(cfg, self.path / "config.yaml")
+            except OSError as exc:
+                raise UserError(f"could not write '{self.path / 'config.yaml'}' "
+                                f"({exc.strerror}); free space or set run.dir") from None
+
+    def record_stop(self, signal: str, step: int) -> None:
+        if self.is_main:
+            append_json(self.path / "history.jsonl", {
+                "event": "stopped", "signal": signal, "step": step, "time": _now()})
+
+    def plot(self) -> None:
+        if self.is_main:
+            plot_curves(self.log.path, self.path / "curves.png")
+
+    def write(self, record: dict[str, Any]) -> None:
+        """One line of ``metrics.jsonl``."""
+        self.log.write(record)

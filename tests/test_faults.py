@@ -15,6 +15,7 @@ import torch
 from conftest import ROOT, run_cli, small_overrides, wait_for
 from ranks import free_port
 
+from alexnet_mp import canonical, checkpoint_folder
 from alexnet_mp import checkpoint as ckpt
 from alexnet_mp.config import load_config
 from alexnet_mp.engine import NonFiniteError
@@ -307,7 +308,7 @@ def test_pruning_keeps_good_checkpoints_not_damaged_ones(idx_root, tmp_path):
     _trainer(idx_root, run, **{"run.checkpoint_every": 1, "train.max_steps": 5}).run()
     assert [p.name for p in ckpt.step_files(folder)] == ["step-00000005.pt", "step-00000004.pt"]
     assert (folder / "step-00000006.pt.damaged").is_file()
-    assert ckpt.newest_good(folder, print)[0].name == "step-00000005.pt"
+    assert checkpoint_folder.newest_good(folder, print)[0].name == "step-00000005.pt"
 
 
 def _rank_process(rank: int, world: int, port: int, args: list[str], patch) -> None:
@@ -336,7 +337,7 @@ def _slow_saves_on_rank_0(rank: int) -> None:
 def _a_bug_on_rank_0(rank: int) -> None:
     """A programming error whose text happens to mention a connection and a peer."""
     if rank == 0:
-        import alexnet_mp.run as run_module
+        import alexnet_mp.fit as run_module
 
         def broken(*args, **kwargs):
             raise RuntimeError("Connection lost between the layer and its peer table")
@@ -509,7 +510,7 @@ def _rank_1_dies_at_its_first_save(rank: int) -> None:
         def die(model):
             os._exit(9)
 
-        ckpt.nonfinite_parameters = die
+        canonical.nonfinite_parameters = die
 
 
 def test_a_peer_lost_mid_run_is_not_reported_as_a_start_up_failure(idx_root, tmp_path, capfd):

@@ -29,8 +29,7 @@ import torch.nn.functional as F
 from ranks import run_ranks
 from torch.utils.data import TensorDataset
 
-from alexnet_mp import checkpoint as ckpt
-from alexnet_mp import models
+from alexnet_mp import canonical, models
 from alexnet_mp.config import ModelConfig, TrainConfig
 from alexnet_mp.data import BatchTransform
 from alexnet_mp.engine import LoopOptions, Precision, TrainState, train_one_epoch
@@ -137,7 +136,7 @@ def _engine_run(layout: Layout, cfg: ModelConfig, train: TrainConfig) -> dict:
         train_one_epoch(model, marks, optimizer, transform, state, Precision("auto", CPU),
                         options=LoopOptions(log_every=LOG_EVERY), sync=layout.step_sync(),
                         guard=guard)
-    return {"syncs": marks.per_step(), "params": ckpt.model_state(model, layout),
+    return {"syncs": marks.per_step(), "params": canonical.model_state(model, layout),
             "figures": (state.loss_sum, state.correct, state.seen)}
 
 

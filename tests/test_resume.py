@@ -84,7 +84,7 @@ def test_an_evaluation_failure_loses_no_training(idx_root, tmp_path, monkeypatch
     """The epoch is saved before it is evaluated; the resumed run evaluates it and goes on."""
     extra = {"train.epochs": 3, **SCHEDULES["plateau"]}
     trainer(idx_root, tmp_path / "straight", **extra).run()
-    import alexnet_mp.run as run_module
+    import alexnet_mp.fit as run_module
 
     real, calls = run_module.evaluate, []
 

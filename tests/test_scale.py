@@ -19,6 +19,7 @@ import torch
 from conftest import ROOT, run_cli, small_overrides
 from ranks import free_port
 
+from alexnet_mp import canonical
 from alexnet_mp import checkpoint as ckpt
 
 SCRIPT = str(ROOT / "launch" / "train.py")
@@ -157,8 +158,8 @@ def test_a_split_model_that_cannot_describe_its_rows_is_an_error():
 
     split = Layout(world_size=2, columns=2, column=1)
     with pytest.raises(TypeError, match="does not describe its rows"):
-        ckpt.model_state(nn.Linear(4, 2), split)
-    assert ckpt.model_state(nn.Linear(4, 2), Layout())["weight"].shape == (2, 4)
+        canonical.model_state(nn.Linear(4, 2), split)
+    assert canonical.model_state(nn.Linear(4, 2), Layout())["weight"].shape == (2, 4)
 
 
 def test_data_parallel_resume_with_dropout_is_exact(tmp_path):

@@ -18,11 +18,10 @@ from alexnet_mp.bench import stats
 from alexnet_mp.bench.lrn import VARIANTS, make_lrn
 from alexnet_mp.bench.work import arch_for, make_model, make_sgd
 from alexnet_mp.config import Config
-from alexnet_mp.data import BatchTransform, build_data
 from alexnet_mp.errors import UserError
-from alexnet_mp.loader import make_loader
 from alexnet_mp.models.columns import COLUMNS, sides
 from alexnet_mp.parallel.layout import Layout
+from alexnet_mp.pipeline import pipeline
 
 
 def time_to_first_step(command: list[str], metrics: Path, timeout: float = 600.0,
@@ -80,13 +79,10 @@ def startup_parts(cfg: Config) -> dict[str, float]:
         times[name] = now - t
         t = now
 
-    data = build_data(cfg.data, num_classes=cfg.model.num_classes,
-                      in_channels=cfg.model.in_channels, seed=cfg.train.seed)
+    feed = pipeline(cfg, Layout(device=device), "train", batch_size=cfg.train.batch_size)
     lap("data set")
-    loader = make_loader(data.train, batch_size=cfg.train.batch_size, shuffle=True,
-                         seed=cfg.train.seed, num_workers=cfg.data.num_workers, pin_memory=False)
-    transform = BatchTransform(cfg.data.image_size, data.mean, data.std)
-    batches = iter(loader)
+    transform = feed.transform
+    batches = iter(feed.loader)
     x, y = next(batches)
     x = transform(x)
     lap("loader: first batch and transform")

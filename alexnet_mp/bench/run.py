@@ -28,14 +28,14 @@ from alexnet_mp.bench.placement import node_threads, pinned
 from alexnet_mp.bench.report import bar_chart, report_markdown
 from alexnet_mp.bench.work import Batches, Variant, Work, build_work
 from alexnet_mp.config import Config
-from alexnet_mp.data import BatchTransform, build_data
 from alexnet_mp.engine import LoopOptions, Precision, TrainState, train_one_epoch
 from alexnet_mp.engine import sync_device as _sync
 from alexnet_mp.errors import UserError
 from alexnet_mp.host_memory import keep_freed_memory, release_freed_memory
-from alexnet_mp.loader import make_loader, set_epoch
+from alexnet_mp.loader import set_epoch
 from alexnet_mp.parallel.exchange import ColumnExchange
 from alexnet_mp.parallel.layout import Layout, mesh_layout
+from alexnet_mp.pipeline import pipeline
 
 MODES = ("synthetic", "loader", "train")
 
@@ -202,14 +202,9 @@ def _train_steps(work: Work, cfg: Config, steps: int, warmup: int,
     """The training loop itself (``engine.train_one_epoch``: loader, on-device transform,
     guard, the figures it reduces, optimizer) on this layout, timed between its steps."""
     on, device = work.layout, work.layout.device
-    data = build_data(cfg.data, num_classes=cfg.model.num_classes,
-                      in_channels=cfg.model.in_channels, seed=cfg.train.seed, device=device)
-    loader = make_loader(data.train, batch_size=work.local_batch, shuffle=True,
-                         seed=cfg.train.seed, num_workers=cfg.data.num_workers,
-                         pin_memory=device.type == "cuda", replicas=on.data_shards,
-                         replica=on.data_shard, bad_images=cfg.data.bad_images)
-    transform = BatchTransform(cfg.data.image_size, data.mean, data.std,
-                               variant.memory_format(cfg) is torch.channels_last).to(device)
+    feed = pipeline(cfg, on, "train", batch_size=work.local_batch * on.data_shards,
+                    channels_last=variant.memory_format(cfg) is torch.channels_last)
+    loader, transform = feed.loader, feed.transform
     times: dict[str, list] = {"step_s": [], "exchange_s": [], "calls": []}
     state, total = TrainState(), warmup + steps
     timed = _StepClock(loader, work, state, times, warmup, device)

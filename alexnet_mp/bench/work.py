@@ -16,15 +16,15 @@ from alexnet_mp.bench.layouts import DDP, ONE_DEVICE
 from alexnet_mp.bench.lrn import use_reference_lrn
 from alexnet_mp.bench.traffic import TrafficMeter, allreduce_bytes, meter_exchanges
 from alexnet_mp.config import Config
-from alexnet_mp.data import BatchTransform, build_data
 from alexnet_mp.errors import UserError
 from alexnet_mp.guard import StepGuard
-from alexnet_mp.loader import make_loader, set_epoch
+from alexnet_mp.loader import set_epoch
 from alexnet_mp.models import arch_of
 from alexnet_mp.models.columns import Arch
 from alexnet_mp.optim import build_optimizer, step_unless
 from alexnet_mp.parallel.build import build_model
 from alexnet_mp.parallel.layout import Layout
+from alexnet_mp.pipeline import pipeline
 
 VARIANT_FLAGS = ("lrn_ref", "malloc_default", "channels_last", "compile", "pinned")
 VARIANT_HELP = {
@@ -153,7 +153,7 @@ class Batches:
 
     def __init__(self, mode: str, cfg: Config, layout: Layout, local_batch: int,
                  memory_format: torch.memory_format = torch.contiguous_format) -> None:
-        device, shards, shard = layout.device, layout.data_shards, layout.data_shard
+        device, shard = layout.device, layout.data_shard
         self.mode, self.device = mode, device
         size, c = cfg.data.image_size, cfg.model.in_channels
         g = torch.Generator().manual_seed(cfg.train.seed + shard)
@@ -163,14 +163,9 @@ class Batches:
             self.y = torch.randint(0, cfg.model.num_classes, (local_batch,), generator=g).to(
                 device)
             return
-        data = build_data(cfg.data, num_classes=cfg.model.num_classes, in_channels=c,
-                          seed=cfg.train.seed, device=device)
-        self.loader = make_loader(data.train, batch_size=local_batch, shuffle=True,
-                                  seed=cfg.train.seed, num_workers=cfg.data.num_workers,
-                                  pin_memory=device.type == "cuda", replicas=shards,
-                                  replica=shard, bad_images=cfg.data.bad_images)
-        self.transform = BatchTransform(size, data.mean, data.std,
-                                        memory_format is torch.channels_last).to(device)
+        feed = pipeline(cfg, layout, "train", batch_size=local_batch * layout.data_shards,
+                        channels_last=memory_format is torch.channels_last)
+        self.loader, self.transform = feed.loader, feed.transform
         self.epoch, self.it = 0, iter(())
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
