@@ -34,7 +34,7 @@ def faults(n):
 _PROBE = _FAULTS + """
 import sys
 sys.path.insert(0, {root!r})
-from launch.common import layout_from_env
+from alexnet_mp.cli.common import layout_from_env
 from alexnet_mp.config import load_config
 layout_from_env(load_config(None, sys.argv[1:], default_path={root!r} + "/configs/default.yaml"),
                 "alexnet_columns")

@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from conftest import one_process_layout
 from ranks import free_port, run_ranks
 
 from alexnet_mp import models
@@ -139,7 +140,7 @@ def _two_ranks(rank: int, world: int, port: int) -> dict:
     # Start again through setup_layout itself: rendezvous, default-group timeout and all.
     dist.destroy_process_group()
     layout = setup_layout("alexnet_d2l", rank=rank, world_size=world, local_world_size=world,
-                          device="cpu", threads=1, timeout_s=9, save_timeout_s=99, attempt=1,
+                          device="cpu", timeout_s=9, save_timeout_s=99, attempt=1,
                           master_addr="127.0.0.1", master_port=port, startup_timeout_s=60)
     out = {"facts": _facts(layout), "world_timeout": _timeout(dist.group.WORLD),
            "d2l": _trained_errors(layout, D2L)}
@@ -186,7 +187,7 @@ def _assert_close(errors: dict[str, float], what: str) -> None:
 def test_a_layout_that_cannot_work_is_one_line_naming_the_fix(model, world, columns, layout, fix):
     with pytest.raises(UserError) as info:
         setup_layout(model, world_size=world, local_world_size=world, columns=columns,
-                     layout=layout, device="cpu", threads=1)
+                     layout=layout, device="cpu")
     message = str(info.value)
     assert fix in message and "\n" not in message, message
 
@@ -207,7 +208,7 @@ def test_automatic_columns_and_replicas():
 
 
 def test_one_process_is_the_whole_model_with_nothing_to_gather():
-    layout = setup_layout("alexnet_columns", threads=1)
+    layout = one_process_layout("alexnet_columns")
     assert (layout.column, layout.columns, layout.replicas, layout.mesh) == (None, 1, 1, None)
     assert layout.name == "single device" and layout.local_batch(BATCH) == BATCH
     y = torch.arange(3)

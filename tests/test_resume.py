@@ -15,12 +15,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, run_cli, small_overrides, wait_for
+from conftest import ROOT, one_process_layout, run_cli, small_overrides, wait_for
 
 from alexnet_mp import checkpoint as ckpt
 from alexnet_mp.config import load_config
 from alexnet_mp.errors import UserError
-from alexnet_mp.parallel.layout import setup_layout
 from alexnet_mp.run import Trainer
 
 SCRIPT = str(ROOT / "launch" / "train.py")
@@ -36,7 +35,7 @@ SCHEDULES = {
 
 def trainer(idx_root, run, **extra) -> Trainer:
     cfg = load_config(None, small_overrides(idx_root, run, **extra))
-    return Trainer(cfg, setup_layout(cfg.model.name, threads=1))
+    return Trainer(cfg, one_process_layout(cfg.model.name))
 
 
 def final_model(run: Path) -> dict[str, torch.Tensor]:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, small_overrides
+from conftest import ROOT, one_process_layout, small_overrides
 
 from alexnet_mp import checkpoint as ckpt
 
@@ -172,11 +172,10 @@ def test_a_second_job_on_a_busy_run_folder_gets_one_line(idx_root, tmp_path):
 
 def _in_process_trainer(data_root: Path, run: Path, **extra):
     from alexnet_mp.config import load_config
-    from alexnet_mp.parallel.layout import setup_layout
     from alexnet_mp.run import Trainer
 
     cfg = load_config(None, small_overrides(data_root, run, **extra))
-    return Trainer(cfg, setup_layout(cfg.model.name, threads=1))
+    return Trainer(cfg, one_process_layout(cfg.model.name))
 
 
 @pytest.mark.parametrize("refusal", ["no data", "eval_only without a checkpoint"])

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cli, write_shapes_folder
+from conftest import one_process_layout, run_cli, write_shapes_folder
 
 from alexnet_mp import checkpoint as ckpt
 from alexnet_mp.config import DataConfig, load_config
@@ -23,7 +23,6 @@ from alexnet_mp.device_decode import ShardSample, collate_samples, crop, decode
 from alexnet_mp.errors import UserError
 from alexnet_mp.lighting import EIGVAL, EIGVEC
 from alexnet_mp.loader import make_loader, set_epoch
-from alexnet_mp.parallel.layout import setup_layout
 from alexnet_mp.prepare import prepare
 from alexnet_mp.run import Trainer
 from alexnet_mp.shardset import MANIFEST, ShardDataset, ShardView
@@ -196,7 +195,7 @@ def _trainer(out: Path, run: Path, **extra) -> Trainer:
               "train.batch_size": 8, "train.epochs": 2, "train.lr": 0.02, "run.dir": str(run),
               "run.progress": False, "run.log_every": 1, "run.threads": 1, **extra}
     cfg = load_config(None, [f"{k}={v}" for k, v in values.items()])
-    return Trainer(cfg, setup_layout(cfg.model.name, threads=1))
+    return Trainer(cfg, one_process_layout(cfg.model.name))
 
 
 def test_resume_on_shards_is_exact(prepared, tmp_path):
@@ -265,7 +264,7 @@ def test_a_shards_checkpoint_evaluates_with_ten_crops_and_predicts(prepared, tmp
     folder, out = prepared
     _trainer(out, tmp_path / "run", **{"train.epochs": 1}).run()
     path = tmp_path / "run" / "checkpoints" / "last.pt"
-    loaded = inference.load(path, lambda cfg: setup_layout(cfg.model.name, threads=1))
+    loaded = inference.load(path, lambda cfg: one_process_layout(cfg.model.name))
     assert loaded.info.name == "shards" and loaded.info.classes == ["cross", "disc", "square"]
     for ten in (False, True):
         result = inference.evaluate_checkpoint(loaded, ten_crop=ten)

@@ -13,12 +13,8 @@ import json
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # a fresh clone runs without `pip install -e .` too
-    sys.path.insert(0, str(ROOT))
-
-from alexnet_mp.errors import UserError  # noqa: E402
-from launch.common import report, run_entry  # noqa: E402
+from alexnet_mp.cli.common import PACKAGE, report, run_entry
+from alexnet_mp.errors import UserError
 
 EPILOG = """\
 layouts by world size (torchrun --nproc_per_node=N; train.batch_size is the global batch):
@@ -154,12 +150,14 @@ def startup(args: argparse.Namespace, cfg) -> None:
 
     if args.startup < 1 or args.repeat < 1:
         raise UserError("--startup takes a number of ranks >= 1, --repeat >= 1")
-    script = str(ROOT / "launch" / "train.py")
+    # The main job as its users start it: the clone's launch/train.py, else the installed module.
+    script = PACKAGE.parent / "launch" / "train.py"
+    entry = [str(script)] if script.is_file() else ["-m", "alexnet_mp.cli.train"]
     runs = []
     for _ in range(args.repeat):
         with tempfile.TemporaryDirectory() as tmp:
             metrics = Path(tmp) / "run" / "metrics.jsonl"
-            train = [script, *(["--config", args.config] if args.config else []),
+            train = [*entry, *(["--config", args.config] if args.config else []),
                      *args.overrides, f"run.dir={Path(tmp) / 'run'}", "run.log_every=1",
                      "run.progress=false", "train.max_steps=2", "train.resume=none",
                      "data.test_limit=64"]

@@ -13,11 +13,7 @@ import json
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # a fresh clone runs without `pip install -e .` too
-    sys.path.insert(0, str(ROOT))
-
-from launch.common import run_checkpoint_entry  # noqa: E402
+from alexnet_mp.cli.common import run_checkpoint_entry
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -11,13 +11,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # a fresh clone runs without `pip install -e .` too
-    sys.path.insert(0, str(ROOT))
-
-from launch.common import guarded  # noqa: E402
+from alexnet_mp.cli.common import guarded
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -1,6 +1,9 @@
-"""Entry point: ``python launch/train.py`` (one device) or ``torchrun --nproc_per_node=2 ...``.
+"""Entry point: ``python launch/train.py`` (one device) or ``torchrun --nproc_per_node=2 ...``;
+installed, ``alexnet-train`` (``torchrun --no-python ... alexnet-train``) or ``python -m
+alexnet_mp.cli.train`` (``torchrun ... -m alexnet_mp.cli.train``).
 
 It reads the command line and torchrun's environment, and hands plain values to the package.
+``kill -USR1 PID`` prints every thread's stack of a hung rank to stderr.
 """
 
 from __future__ import annotations
@@ -8,13 +11,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # a fresh clone runs without `pip install -e .` too
-    sys.path.insert(0, str(ROOT))
-
-from launch.common import restarts_from_env, run_entry, training_interrupted  # noqa: E402
+from alexnet_mp.cli.common import restarts_from_env, run_entry, training_interrupted
+from alexnet_mp.cli.process import dump_stacks_on_sigusr1
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -29,6 +28,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    dump_stacks_on_sigusr1()
 
     def body(cfg, open_layout) -> None:
         if args.print_shapes:

@@ -1,0 +1,13 @@
+"""``python launch/pca_lighting.py`` in a clone: runs :mod:`alexnet_mp.cli.pca_lighting`."""
+
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # a plain clone runs this file without installing the package
+    sys.path.insert(0, str(ROOT))
+
+from alexnet_mp.cli.pca_lighting import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main())
