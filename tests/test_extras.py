@@ -83,6 +83,7 @@ def test_pca_reads_a_seeded_sample_of_a_large_set(tmp_path):
     assert a.images == 3 and a.pixels == 3 * 32 * 32 and a.eigval == b.eigval
 
 
+@pytest.mark.slow
 def test_pca_command_writes_the_file_training_reads(tmp_path):
     root = colour_folder(tmp_path / "img")
     out = tmp_path / "rgb.json"

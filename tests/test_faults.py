@@ -54,6 +54,7 @@ def _assert_equal(a, b, tol: float = 0.0) -> None:
         assert err <= tol * max(1.0, b[name].abs().max().item()), f"{name}: {err}"
 
 
+@pytest.mark.slow
 def test_sigterm_to_one_rank_stops_both_at_the_same_step(idx_root, tmp_path):
     # The run is endless: it used to be 72 steps, which a busy machine could finish before the
     # signal arrived, and then no rank had anything to stop (the flaky failure).
@@ -73,6 +74,7 @@ def test_sigterm_to_one_rank_stops_both_at_the_same_step(idx_root, tmp_path):
     assert f"at step {step};" in outs[0][0]
 
 
+@pytest.mark.slow
 def test_sigusr1_prints_every_threads_stack_and_the_run_goes_on(idx_root, tmp_path):
     run = tmp_path / "r"
     proc = subprocess.Popen([sys.executable, SCRIPT,
@@ -92,6 +94,7 @@ def test_sigusr1_prints_every_threads_stack_and_the_run_goes_on(idx_root, tmp_pa
     assert "stopped on request (SIGTERM) at step" in out
 
 
+@pytest.mark.slow
 def test_a_stalled_peer_ends_the_survivor_within_the_timeout(idx_root, tmp_path):
     run = tmp_path / "r"
     procs = _ranks(small_overrides(idx_root, run, **{"model.name": "alexnet_columns",
@@ -114,6 +117,7 @@ def test_a_stalled_peer_ends_the_survivor_within_the_timeout(idx_root, tmp_path)
         procs[1].communicate()
 
 
+@pytest.mark.slow
 def test_nan_stops_before_the_bad_step_and_sets_its_cause_aside(idx_root, tmp_path):
     run = tmp_path / "r"
     extra = {"train.epochs": 3, "run.checkpoint_every": 1}
@@ -381,6 +385,7 @@ def _two_ranks(args: list[str], patch) -> list[int]:
     return [p.exitcode for p in procs]
 
 
+@pytest.mark.slow
 def test_a_rank_busy_saving_is_not_a_lost_peer(idx_root, tmp_path):
     """run.timeout_s bounds the waits inside a step; rank 0's slow checkpoint write is waited
     for under run.save_timeout_s."""
@@ -391,6 +396,7 @@ def test_a_rank_busy_saving_is_not_a_lost_peer(idx_root, tmp_path):
     assert ckpt.load(tmp_path / "r" / "checkpoints" / "last.pt")["train"]["global_step"] == 4
 
 
+@pytest.mark.slow
 def test_a_bug_is_reported_as_a_bug_not_as_a_lost_peer(idx_root, tmp_path):
     """Rank 0 fails with a RuntimeError that mentions a connection: a traceback and exit 1 there;
     rank 1, whose peer is really gone, reports the lost peer (exit 3)."""
@@ -534,6 +540,7 @@ def _rank_1_dies_at_its_first_save(rank: int) -> None:
         ckpt.nonfinite_parameters = die
 
 
+@pytest.mark.slow
 def test_a_peer_lost_mid_run_is_not_reported_as_a_start_up_failure(idx_root, tmp_path, capfd):
     args = small_overrides(idx_root, tmp_path / "r", **{
         "model.name": "alexnet_columns", "train.max_steps": 4, "run.checkpoint_every": 2,

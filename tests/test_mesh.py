@@ -223,6 +223,7 @@ def test_hybrid_fc_rows_must_split_evenly():
 
 # -- four ranks: 2 replicas x 2 columns, and hybrid over 4 ------------------------------------
 
+@pytest.mark.slow
 def test_mesh_names_every_rank_and_group(four):
     for rank, r in enumerate(four):
         f = r["facts"]
@@ -240,11 +241,13 @@ def test_mesh_names_every_rank_and_group(four):
         assert "train.batch_size=7" in r["uneven_batch"]
 
 
+@pytest.mark.slow
 def test_columns_x_replicas_take_the_one_device_steps(four):
     for rank, r in enumerate(four):
         _assert_close(r["columns_x_replicas"], f"rank {rank}")
 
 
+@pytest.mark.slow
 def test_dropout_masks_agree_within_a_replica_and_differ_between(four):
     for r in four:
         assert r["dropout"]["matches_replica_stream"]
@@ -252,6 +255,7 @@ def test_dropout_masks_agree_within_a_replica_and_differ_between(four):
     assert not torch.equal(masks[0], masks[2]) and not torch.equal(masks[1], masks[3])
 
 
+@pytest.mark.slow
 def test_hybrid_over_four_ranks_takes_the_one_device_steps(four):
     for rank, r in enumerate(four):
         f = r["hybrid_facts"]
@@ -261,6 +265,7 @@ def test_hybrid_over_four_ranks_takes_the_one_device_steps(four):
 
 # -- two ranks, through setup_layout: d2l data parallel, hybrid over 2 ------------------------
 
+@pytest.mark.slow
 def test_setup_layout_gives_the_default_group_the_save_timeout(two):
     for rank, r in enumerate(two):
         assert r["world_timeout"] == 99.0
@@ -271,16 +276,19 @@ def test_setup_layout_gives_the_default_group_the_save_timeout(two):
     assert two[1]["agree"] == "bad input on rank 1"
 
 
+@pytest.mark.slow
 def test_d2l_data_parallel_takes_the_one_device_steps(two):
     for rank, r in enumerate(two):
         _assert_close(r["d2l"], f"rank {rank}")
 
 
+@pytest.mark.slow
 def test_hybrid_over_two_ranks_takes_the_one_device_steps(two):
     for rank, r in enumerate(two):
         _assert_close(r["hybrid"], f"rank {rank}")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world", [2, 4])
 def test_hybrid_with_dropout_takes_the_one_device_steps(world, request):
     """The masks are drawn for the global batch as the grouped form draws them and reordered to

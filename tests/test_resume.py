@@ -119,6 +119,7 @@ def _forever(idx_root, run, **extra) -> list[str]:
     return small_overrides(idx_root, run, **{"train.epochs": 100000, **extra})
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_a_signal_to_the_process_group_with_loader_workers_saves_and_resumes_exactly(
         idx_root, tmp_path, sig):
@@ -214,6 +215,7 @@ def _starts(run: Path) -> list[dict]:
     return [r for r in map(json.loads, path.read_text().splitlines()) if r["event"] == "start"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("schedule", sorted(SCHEDULES))
 def test_torchrun_restarts_a_killed_rank_and_sigterm_to_torchrun_resumes_exactly(
         idx_root, tmp_path, schedule):

@@ -92,6 +92,7 @@ def test_augmented_training_examples_are_the_same_draws(prepared):
     assert 0 < flips < 48, "every draw mirrored alike: the flip is not tested"
 
 
+@pytest.mark.slow
 def test_a_damaged_shard_is_one_line_naming_the_file(prepared, tmp_path):
     out = tmp_path / "out"
     _prepare(prepared[0], out)
@@ -126,6 +127,7 @@ def test_damage_found_before_training_is_one_line_naming_the_file(prepared, tmp_
     assert "\n" not in text and str(target) in text and "prepare_data.py" in text, text
 
 
+@pytest.mark.slow
 def test_an_interrupted_conversion_resumes_to_the_same_result(prepared, tmp_path):
     folder, good = prepared
     out = tmp_path / "out"
@@ -338,6 +340,7 @@ def test_fewer_larger_shards_replace_the_old_ones(prepared, tmp_path):
     assert len(ShardDataset(out, "train")) == 24
 
 
+@pytest.mark.slow
 def test_the_input_path_bench_measures_every_arm_on_imagenet_sized_photos(tmp_path):
     from PIL import Image
 

@@ -31,6 +31,7 @@ def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
         assert torch.equal(a[name], b[name]), f"{name} differs"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", ["alexnet_d2l", "alexnet_columns"])
 def test_two_epochs_equal_one_plus_resume_plus_one(idx_root, tmp_path, model):
     straight = train(idx_root, tmp_path / "a", **{"model.name": model, "train.epochs": 2})
