@@ -12,9 +12,9 @@ import pytest
 
 from tests.conftest import ROOT
 
-pytestmark = pytest.mark.skipif(
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(
     platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
-    reason="the heap settings are glibc's (mallopt)")
+    reason="the heap settings are glibc's (mallopt)")]
 
 # The page faults a block of n floats takes when first written.
 _FAULTS = """
