@@ -1,51 +1,13 @@
-"""Entry point: ``python launch/train.py`` (one device) or ``torchrun --nproc_per_node=2 ...``.
+"""``python launch/train.py`` in a clone: runs :mod:`alexnet_mp.cli.train`."""
 
-It reads the command line and torchrun's environment, and hands plain values to the package.
-"""
-
-from __future__ import annotations
-
-import argparse
-import os
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # a fresh clone runs without `pip install -e .` too
+if str(ROOT) not in sys.path:  # a plain clone runs this file without installing the package
     sys.path.insert(0, str(ROOT))
 
-from launch.common import restarts_from_env, run_entry, training_interrupted  # noqa: E402
-
-
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="Train AlexNet: one device, or one column per rank.")
-    p.add_argument("--config", help="YAML file (default: configs/default.yaml)")
-    p.add_argument("--print-shapes", action="store_true",
-                   help="print each layer's output shape for one image and exit")
-    p.add_argument("overrides", nargs="*", metavar="section.key=value",
-                   help="override any config field, e.g. train.lr=0.02 data.image_size=96")
-    return p.parse_args(argv)
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-
-    def body(cfg, open_layout) -> None:
-        if args.print_shapes:
-            from alexnet_mp.models.shapes import shape_table
-
-            try:
-                print(shape_table(cfg.model, cfg.data.image_size), flush=True)
-            except BrokenPipeError:  # `--print-shapes | head`: the reader has what it wanted
-                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-            return 0
-        from alexnet_mp.run import Trainer
-
-        return Trainer(cfg, open_layout(cfg.model.name),
-                       restarts=restarts_from_env()).run().get("exit_code", 0)
-
-    return run_entry(args, body, interrupted=training_interrupted)
-
+from alexnet_mp.cli.train import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -11,6 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from alexnet_mp.cli.process import configure_process
+from alexnet_mp.parallel.layout import Layout, setup_layout
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -48,6 +51,13 @@ def small_overrides(data_root: Path, run_dir: Path, **extra) -> list[str]:
               "run.dir": str(run_dir), "run.progress": False, "run.log_every": 2,
               "run.threads": 1, **extra}
     return [f"{k}={v}" for k, v in values.items()]
+
+
+def one_process_layout(model_name: str) -> Layout:
+    """This process as a one-rank run, set up as the entry points set one up, on one thread."""
+    layout = setup_layout(model_name)
+    configure_process(layout.device, threads=1)
+    return layout
 
 
 def run_cli(args: list[str], *, torchrun: int | None = None, timeout: float = 240,

@@ -62,6 +62,7 @@ def _two_ranks(rank: int, world: int) -> str:
     return "finished"
 
 
+@pytest.mark.slow
 def test_an_error_in_one_ranks_backward_keeps_its_type_and_the_other_reports_a_lost_peer(
         tmp_path):
     assert run_ranks(_two_ranks, 2, tmp_path) == ["PeerLostError", "Broken"]

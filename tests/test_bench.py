@@ -43,6 +43,7 @@ def assert_counted_equals_analytic(r: dict, ranks: int) -> None:
     assert len(r["peak_memory_bytes_per_rank"]) == ranks
 
 
+@pytest.mark.slow
 def test_bench_reports_every_layout_with_exact_exchange_bytes(idx_root, tmp_path):
     out = tmp_path / "bench"
     report = torchrun_bench(2, out, "--steps", "2", "--warmup", "1", "--profile", *TINY,
@@ -116,6 +117,7 @@ def _by_layout(report: dict) -> dict[str, dict]:
     return {r["layout"]: r for r in report["results"]}
 
 
+@pytest.mark.slow
 def test_two_columns_by_two_replicas_counts_what_the_formula_says(four_ranks):
     assert four_ranks["meta"]["world_size"] == 4
     r = _by_layout(four_ranks)["split"]
@@ -127,6 +129,7 @@ def test_two_columns_by_two_replicas_counts_what_the_formula_says(four_ranks):
     assert r["flops_step"] == _by_layout(four_ranks)["grouped"]["flops_step"]
 
 
+@pytest.mark.slow
 def test_hybrid_and_data_parallel_over_four_count_what_the_formula_says(four_ranks):
     results = _by_layout(four_ranks)
     hybrid, ddp = results["hybrid"], results["ddp"]
@@ -152,6 +155,7 @@ def _launch_bench():
     return module
 
 
+@pytest.mark.slow
 def test_one_rank_then_the_scaling_table_joins_it_with_four(four_ranks, tmp_path, capsys):
     launch = _launch_bench()
     threads = torch.get_num_threads()
@@ -225,6 +229,7 @@ def test_the_formula_at_the_papers_size():
 # -- decisive comparisons: rounds, intervals, verdicts, attribution ----------------------------
 
 
+@pytest.mark.slow
 def test_rounds_give_intervals_verdicts_comparisons_and_a_per_layer_table(tmp_path):
     """Two interleaved rounds of one timed step: every figure gets an interval, every target a
     verdict, the old LRN a comparison, and the profiled split a per-layer table on both ranks

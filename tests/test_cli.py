@@ -141,6 +141,7 @@ def test_world_sizes_the_layout_cannot_use(trained, monkeypatch, capsys, world, 
     assert words in one_error_line(capsys.readouterr().err)
 
 
+@pytest.mark.slow
 def test_print_shapes_into_a_closed_pipe_is_quiet():
     """`--print-shapes | head -1`: the reader leaves early. `true` leaves before Python has even
     imported torch, so the write always meets a closed pipe; stderr is what we check."""
@@ -156,6 +157,7 @@ def test_a_folder_as_config_is_named(tmp_path):
     assert "is a folder; pass --config with a YAML file" in one_error_line(proc.stderr)
 
 
+@pytest.mark.slow
 def test_an_error_on_one_rank_stops_both_without_a_hang(trained, tmp_path):
     """Only rank 0 writes, so only it finds the run folder unwritable; rank 1 must not hang."""
     tmp, root, _ = trained
@@ -186,6 +188,7 @@ def _close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
         assert err < 1e-4, f"{name}: relative error {err}"
 
 
+@pytest.mark.slow
 def test_torchrun_split_and_grouped_checkpoints_round_trip(idx_root, tmp_path):
     """2 split steps → grouped 2 more, and grouped 2 → split 2 more, equal 4 straight steps."""
     cols = {"model.name": "alexnet_columns"}
@@ -210,6 +213,7 @@ def test_torchrun_split_and_grouped_checkpoints_round_trip(idx_root, tmp_path):
                                                           "train.resume": last})), straight)
 
 
+@pytest.mark.slow
 def test_torchrun_bad_input_prints_our_line_once(tmp_path):
     proc = run_cli(["model.name=alexnet_d2l", "parallel.columns=2", f"run.dir={tmp_path / 'r'}"],
                    torchrun=2)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -99,6 +100,7 @@ def _equivalence_worker(rank: int, world: int) -> dict:
     return out
 
 
+@pytest.mark.slow
 def test_split_equals_grouped_forward_backward_and_training(tmp_path):
     for result in run_ranks(_equivalence_worker, 2, tmp_path):
         for overlap in (True, False):

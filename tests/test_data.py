@@ -29,6 +29,7 @@ def test_batch_transform_resizes_and_normalises():
     assert torch.allclose(out, torch.full_like(out, 2.0))
 
 
+@pytest.mark.slow
 def test_mnist_sample_is_a_stratified_4000_1000_split_cached(tmp_path):
     train, test = mnist_sample(tmp_path)
     assert len(train) == 4000 and len(test) == 1000

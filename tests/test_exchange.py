@@ -190,6 +190,6 @@ def test_a_stalled_peer_becomes_peer_lost_error(results):
     message = results[0]["stalled"]
     assert message.startswith("PeerLostError"), message
     assert "exchange" in message
-    # The group's 1 s timeout, not the default's 30 min: a bound no busy machine reaches, and
-    # one the default could never meet.
-    assert float(message.split()[2]) < 600
+    # The group's own 1 s timeout ended the wait (gloo names it), not rank 1 leaving 3 s later
+    # nor the default's 30 min.
+    assert "Timed out waiting 1000ms" in message, message

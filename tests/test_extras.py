@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, small_overrides
+from conftest import ROOT, one_process_layout, small_overrides
 from PIL import Image
 
 from alexnet_mp.config import load_config
@@ -20,7 +20,6 @@ from alexnet_mp.errors import UserError
 from alexnet_mp.lighting import Lighting, read_lighting
 from alexnet_mp.metrics import read_log
 from alexnet_mp.parallel import build
-from alexnet_mp.parallel.layout import setup_layout
 from alexnet_mp.pca import rgb_pca
 from alexnet_mp.run import Trainer
 
@@ -84,6 +83,7 @@ def test_pca_reads_a_seeded_sample_of_a_large_set(tmp_path):
     assert a.images == 3 and a.pixels == 3 * 32 * 32 and a.eigval == b.eigval
 
 
+@pytest.mark.slow
 def test_pca_command_writes_the_file_training_reads(tmp_path):
     root = colour_folder(tmp_path / "img")
     out = tmp_path / "rgb.json"
@@ -134,7 +134,7 @@ def test_pca_refuses_grey_images(idx_root):
 
 def trainer(idx_root, run, **extra) -> Trainer:
     cfg = load_config(None, small_overrides(idx_root, run, **extra))
-    return Trainer(cfg, setup_layout(cfg.model.name, threads=1))
+    return Trainer(cfg, one_process_layout(cfg.model.name))
 
 
 def test_missing_tensorboard_is_one_line_before_training(idx_root, tmp_path, monkeypatch):

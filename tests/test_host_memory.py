@@ -12,9 +12,9 @@ import pytest
 
 from tests.conftest import ROOT
 
-pytestmark = pytest.mark.skipif(
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(
     platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
-    reason="the heap settings are glibc's (mallopt)")
+    reason="the heap settings are glibc's (mallopt)")]
 
 # The page faults a block of n floats takes when first written.
 _FAULTS = """
@@ -34,7 +34,7 @@ def faults(n):
 _PROBE = _FAULTS + """
 import sys
 sys.path.insert(0, {root!r})
-from launch.common import layout_from_env
+from alexnet_mp.cli.common import layout_from_env
 from alexnet_mp.config import load_config
 layout_from_env(load_config(None, sys.argv[1:], default_path={root!r} + "/configs/default.yaml"),
                 "alexnet_columns")

@@ -217,6 +217,7 @@ def reference() -> dict:
     return _reference(TrainConfig(lr=0.02))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world", [2, 4])
 def test_every_layout_has_one_host_sync_per_log_window_and_takes_the_same_steps(
         tmp_path, reference, world):

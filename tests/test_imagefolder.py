@@ -276,6 +276,7 @@ def test_process_group_stop_signal_then_exit_with_a_live_loader(tmp_path):
     assert out.splitlines()[-1] == f"{list(range(22))} {signals}"
 
 
+@pytest.mark.slow
 def test_the_small_folder_config_trains_on_a_folder_of_small_images(tmp_path):
     from conftest import ROOT, run_cli, write_shapes_folder
 
@@ -332,6 +333,7 @@ def _first_file_of(folder: Path, replica: int, split: str = "train") -> Path:
     # the hybrid trunk reads shares as replicas do; loader workers raise in another process
     ("model.name=alexnet_columns", "parallel.layout=hybrid", "data.num_workers=2"),
 ], ids=["replicas", "hybrid-with-workers"])
+@pytest.mark.slow
 def test_a_bad_image_on_one_replica_stops_every_replica_with_its_name(folder, tmp_path, layout):
     """Replicas read different shares: rank 1 meets the file, rank 0 never reads it, yet rank 0
     names it, and neither waits in the step's collectives for the other (both learn of it
@@ -346,6 +348,7 @@ def test_a_bad_image_on_one_replica_stops_every_replica_with_its_name(folder, tm
     assert "exitcode  : 2" in proc.stderr and "lost" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_skip_on_the_hybrid_layout_trains_and_counts_every_readable_image(folder, tmp_path):
     """Hybrid ranks gather each other's trunk features, so every share must have the same rows:
     the unreadable files' stand-ins keep them equal and are not scored, and rank 0's log names

@@ -143,6 +143,7 @@ def test_ten_crop_equals_ten_crops_cut_by_hand():
 
 # -- evaluate ---------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_evaluate_from_the_checkpoint_alone_on_one_and_two_ranks(trained, tmp_path, capsys):
     tmp, root, one, two = trained
     # One device, beside the checkpoint: the figures training itself reported for these weights.
@@ -217,6 +218,7 @@ def _write(path: Path, data: bytes) -> Path:
     return path
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", sorted(BAD))
 def test_bad_input_is_one_line_exit_2(trained, tmp_path, capsys, case):
     _, _, one, _ = trained
@@ -227,6 +229,7 @@ def test_bad_input_is_one_line_exit_2(trained, tmp_path, capsys, case):
 
 # -- predict ----------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_predict_reads_an_image_as_evaluation_does(trained):
     _, root, _, _ = trained
     info = inference.DataInfo("imagefolder", list(COLOURS), (0.5,) * 3, (0.25,) * 3, 67, 3)
@@ -237,6 +240,7 @@ def test_predict_reads_an_image_as_evaluation_does(trained):
         assert torch.equal(inference.read_image(path, info), test[i][0])
 
 
+@pytest.mark.slow
 def test_predict_names_the_classes_and_the_broken_file(trained, tmp_path):
     _, root, one, _ = trained
     good = [root / "val" / "red" / "0.png", root / "val" / "blue" / "1.jpg"]
@@ -252,6 +256,7 @@ def test_predict_names_the_classes_and_the_broken_file(trained, tmp_path):
         assert sorted(line.split()[-1] for line in block) == sorted(COLOURS)
 
 
+@pytest.mark.slow
 def test_predict_json_ten_crop_and_an_old_checkpoint(trained, tmp_path, capsys):
     _, root, one, _ = trained
     image = root / "val" / "green" / "0.png"
@@ -277,6 +282,7 @@ def test_predict_json_ten_crop_and_an_old_checkpoint(trained, tmp_path, capsys):
     assert math.isclose(sum(probs), 1.0, rel_tol=1e-5)
 
 
+@pytest.mark.slow
 def test_the_epoch_end_evaluation_can_judge_by_ten_crops(trained, tmp_path):
     """train.ten_crop=true: the epoch's record holds what evaluate.py --ten-crop reports for the
     same weights."""

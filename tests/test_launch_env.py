@@ -78,6 +78,7 @@ def _one_line(stderr: str) -> str:
     return lines[0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("env, words", [BAD[0], BAD[1], BAD[7]])
 def test_train_py_says_a_bad_variable_in_one_line(env, words, idx_root, tmp_path):
     """On the rank that has it (rank 1 here), before any process group exists."""
@@ -105,6 +106,7 @@ def _startup_args(idx_root, tmp_path) -> list[str]:
     return small_overrides(idx_root, tmp_path / "run", **{"run.startup_timeout_s": 5})
 
 
+@pytest.mark.slow
 def test_rank_0_alone_says_how_many_ranks_joined(idx_root, tmp_path):
     [(code, err)] = _ranks([0], 2, _startup_args(idx_root, tmp_path))
     assert code == 3
@@ -113,6 +115,7 @@ def test_rank_0_alone_says_how_many_ranks_joined(idx_root, tmp_path):
     assert "start all 2 ranks" in line and "raise run.startup_timeout_s" in line
 
 
+@pytest.mark.slow
 def test_two_of_three_ranks_both_say_two_joined(idx_root, tmp_path):
     results = _ranks([0, 1], 3, _startup_args(idx_root, tmp_path))
     for rank, (code, err) in enumerate(results):
@@ -120,6 +123,7 @@ def test_two_of_three_ranks_both_say_two_joined(idx_root, tmp_path):
         assert f"rank {rank}: 2 of 3 ranks joined" in _one_line(err)
 
 
+@pytest.mark.slow
 def test_a_rank_without_rank_0_says_nobody_answered(idx_root, tmp_path):
     [(code, err)] = _ranks([1], 2, _startup_args(idx_root, tmp_path))
     assert code == 3
@@ -146,6 +150,7 @@ def test_a_port_in_use_is_named():
     assert f"MASTER_PORT={port}" in message and "choose a free MASTER_PORT" in message
 
 
+@pytest.mark.slow
 def test_ranks_started_in_any_order_join_and_train(idx_root, tmp_path):
     """Rank 1 first (it waits for rank 0's rendezvous to open), then rank 0: both train."""
     port = str(free_port())

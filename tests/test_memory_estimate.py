@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, small_overrides
+from conftest import ROOT, one_process_layout, small_overrides
 
 from alexnet_mp.config import load_config
 from alexnet_mp.memory_estimate import GiB, OutOfMemory, check_fits, estimate, free_memory
-from alexnet_mp.parallel.layout import Layout, setup_layout
+from alexnet_mp.parallel.layout import Layout
 from alexnet_mp.run import Trainer
 
 PAPER = ["model.name=alexnet_columns", "model.num_classes=1000", "model.in_channels=3",
@@ -147,7 +147,7 @@ def _out_of_memory_at_call(n: int):
 def test_running_out_of_memory_mid_run_is_one_line_naming_the_step(where, idx_root, tmp_path):
     cfg = load_config(None, small_overrides(idx_root, tmp_path / "run",
                                             **{"train.max_steps": 4}))
-    trainer = Trainer(cfg, setup_layout(cfg.model.name, threads=1))
+    trainer = Trainer(cfg, one_process_layout(cfg.model.name))
     if where == "forward":
         trainer.model.conv2.register_forward_hook(_out_of_memory_at_call(2))
     else:
@@ -172,5 +172,5 @@ def test_check_is_made_before_the_run_folder(idx_root, tmp_path, monkeypatch):
     monkeypatch.setattr(run, "check_fits", refuse)
     cfg = load_config(None, small_overrides(idx_root, tmp_path / "run"))
     with pytest.raises(run.UserError, match="refused"):
-        Trainer(cfg, setup_layout(cfg.model.name, threads=1))
+        Trainer(cfg, one_process_layout(cfg.model.name))
     assert not Path(tmp_path / "run").exists()

@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from conftest import one_process_layout
 from ranks import free_port, run_ranks
 
 from alexnet_mp import models
@@ -139,7 +140,7 @@ def _two_ranks(rank: int, world: int, port: int) -> dict:
     # Start again through setup_layout itself: rendezvous, default-group timeout and all.
     dist.destroy_process_group()
     layout = setup_layout("alexnet_d2l", rank=rank, world_size=world, local_world_size=world,
-                          device="cpu", threads=1, timeout_s=9, save_timeout_s=99, attempt=1,
+                          device="cpu", timeout_s=9, save_timeout_s=99, attempt=1,
                           master_addr="127.0.0.1", master_port=port, startup_timeout_s=60)
     out = {"facts": _facts(layout), "world_timeout": _timeout(dist.group.WORLD),
            "d2l": _trained_errors(layout, D2L)}
@@ -186,7 +187,7 @@ def _assert_close(errors: dict[str, float], what: str) -> None:
 def test_a_layout_that_cannot_work_is_one_line_naming_the_fix(model, world, columns, layout, fix):
     with pytest.raises(UserError) as info:
         setup_layout(model, world_size=world, local_world_size=world, columns=columns,
-                     layout=layout, device="cpu", threads=1)
+                     layout=layout, device="cpu")
     message = str(info.value)
     assert fix in message and "\n" not in message, message
 
@@ -207,7 +208,7 @@ def test_automatic_columns_and_replicas():
 
 
 def test_one_process_is_the_whole_model_with_nothing_to_gather():
-    layout = setup_layout("alexnet_columns", threads=1)
+    layout = one_process_layout("alexnet_columns")
     assert (layout.column, layout.columns, layout.replicas, layout.mesh) == (None, 1, 1, None)
     assert layout.name == "single device" and layout.local_batch(BATCH) == BATCH
     y = torch.arange(3)
@@ -222,6 +223,7 @@ def test_hybrid_fc_rows_must_split_evenly():
 
 # -- four ranks: 2 replicas x 2 columns, and hybrid over 4 ------------------------------------
 
+@pytest.mark.slow
 def test_mesh_names_every_rank_and_group(four):
     for rank, r in enumerate(four):
         f = r["facts"]
@@ -239,11 +241,13 @@ def test_mesh_names_every_rank_and_group(four):
         assert "train.batch_size=7" in r["uneven_batch"]
 
 
+@pytest.mark.slow
 def test_columns_x_replicas_take_the_one_device_steps(four):
     for rank, r in enumerate(four):
         _assert_close(r["columns_x_replicas"], f"rank {rank}")
 
 
+@pytest.mark.slow
 def test_dropout_masks_agree_within_a_replica_and_differ_between(four):
     for r in four:
         assert r["dropout"]["matches_replica_stream"]
@@ -251,6 +255,7 @@ def test_dropout_masks_agree_within_a_replica_and_differ_between(four):
     assert not torch.equal(masks[0], masks[2]) and not torch.equal(masks[1], masks[3])
 
 
+@pytest.mark.slow
 def test_hybrid_over_four_ranks_takes_the_one_device_steps(four):
     for rank, r in enumerate(four):
         f = r["hybrid_facts"]
@@ -260,6 +265,7 @@ def test_hybrid_over_four_ranks_takes_the_one_device_steps(four):
 
 # -- two ranks, through setup_layout: d2l data parallel, hybrid over 2 ------------------------
 
+@pytest.mark.slow
 def test_setup_layout_gives_the_default_group_the_save_timeout(two):
     for rank, r in enumerate(two):
         assert r["world_timeout"] == 99.0
@@ -270,16 +276,19 @@ def test_setup_layout_gives_the_default_group_the_save_timeout(two):
     assert two[1]["agree"] == "bad input on rank 1"
 
 
+@pytest.mark.slow
 def test_d2l_data_parallel_takes_the_one_device_steps(two):
     for rank, r in enumerate(two):
         _assert_close(r["d2l"], f"rank {rank}")
 
 
+@pytest.mark.slow
 def test_hybrid_over_two_ranks_takes_the_one_device_steps(two):
     for rank, r in enumerate(two):
         _assert_close(r["hybrid"], f"rank {rank}")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world", [2, 4])
 def test_hybrid_with_dropout_takes_the_one_device_steps(world, request):
     """The masks are drawn for the global batch as the grouped form draws them and reordered to

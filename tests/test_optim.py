@@ -11,7 +11,7 @@ import dataclasses
 
 import pytest
 import torch
-from conftest import small_overrides
+from conftest import one_process_layout, small_overrides
 from torch import nn
 
 from alexnet_mp import checkpoint as ckpt
@@ -19,7 +19,6 @@ from alexnet_mp.config import TrainConfig, load_config
 from alexnet_mp.errors import UserError
 from alexnet_mp.models import build_model
 from alexnet_mp.optim import PaperSGD, build_optimizer, is_bias
-from alexnet_mp.parallel.layout import setup_layout
 from alexnet_mp.run import Trainer
 
 LR, LR3, M, WD = 0.1, 0.01, 0.9, 0.05  # a large decay, so that it shows in every step
@@ -142,7 +141,7 @@ def test_bias_groups_are_built_by_name(name):
 
 def trainer(idx_root, run, **extra) -> Trainer:
     cfg = load_config(None, small_overrides(idx_root, run, **extra))
-    return Trainer(cfg, setup_layout(cfg.model.name, threads=1))
+    return Trainer(cfg, one_process_layout(cfg.model.name))
 
 
 @pytest.mark.parametrize("form", ["torch", "paper"])

@@ -15,12 +15,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, run_cli, small_overrides, wait_for
+from conftest import ROOT, one_process_layout, run_cli, small_overrides, wait_for
 
 from alexnet_mp import checkpoint as ckpt
 from alexnet_mp.config import load_config
 from alexnet_mp.errors import UserError
-from alexnet_mp.parallel.layout import setup_layout
 from alexnet_mp.run import Trainer
 
 SCRIPT = str(ROOT / "launch" / "train.py")
@@ -36,7 +35,7 @@ SCHEDULES = {
 
 def trainer(idx_root, run, **extra) -> Trainer:
     cfg = load_config(None, small_overrides(idx_root, run, **extra))
-    return Trainer(cfg, setup_layout(cfg.model.name, threads=1))
+    return Trainer(cfg, one_process_layout(cfg.model.name))
 
 
 def final_model(run: Path) -> dict[str, torch.Tensor]:
@@ -120,6 +119,7 @@ def _forever(idx_root, run, **extra) -> list[str]:
     return small_overrides(idx_root, run, **{"train.epochs": 100000, **extra})
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_a_signal_to_the_process_group_with_loader_workers_saves_and_resumes_exactly(
         idx_root, tmp_path, sig):
@@ -215,6 +215,7 @@ def _starts(run: Path) -> list[dict]:
     return [r for r in map(json.loads, path.read_text().splitlines()) if r["event"] == "start"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("schedule", sorted(SCHEDULES))
 def test_torchrun_restarts_a_killed_rank_and_sigterm_to_torchrun_resumes_exactly(
         idx_root, tmp_path, schedule):

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, small_overrides
+from conftest import ROOT, one_process_layout, small_overrides
 
 from alexnet_mp import checkpoint as ckpt
 
@@ -55,6 +55,7 @@ def _error_lines(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if line.startswith("error: ")]
 
 
+@pytest.mark.slow
 @needs_mount
 def test_a_read_only_checkpoint_folder_is_named_at_start(idx_root, tmp_path):
     disk, out = tmp_path / "disk", tmp_path / "out"
@@ -74,6 +75,7 @@ def test_a_read_only_checkpoint_folder_is_named_at_start(idx_root, tmp_path):
     assert "is not writable (Read-only file system)" in lines[0]
 
 
+@pytest.mark.slow
 @needs_mount
 def test_too_little_room_for_checkpoints_is_named_at_start(idx_root, tmp_path):
     disk, out = tmp_path / "disk", tmp_path / "out"
@@ -90,6 +92,7 @@ def test_too_little_room_for_checkpoints_is_named_at_start(idx_root, tmp_path):
     assert (out / "files").read_text().strip() == ""  # not even the run folder and its .lock
 
 
+@pytest.mark.slow
 @needs_mount
 def test_a_disk_that_fills_mid_run_fails_the_save_in_one_line_on_both_ranks(idx_root, tmp_path):
     """Two ranks; the disk fills after the first checkpoints: the next save fails, the
@@ -139,6 +142,7 @@ def _children(pid: int) -> list[int]:
     return out
 
 
+@pytest.mark.slow
 def test_a_second_job_on_a_busy_run_folder_gets_one_line(idx_root, tmp_path):
     """A SIGKILLed torchrun leaves its workers training; a new job must not write beside them."""
     run = tmp_path / "r"
@@ -172,11 +176,10 @@ def test_a_second_job_on_a_busy_run_folder_gets_one_line(idx_root, tmp_path):
 
 def _in_process_trainer(data_root: Path, run: Path, **extra):
     from alexnet_mp.config import load_config
-    from alexnet_mp.parallel.layout import setup_layout
     from alexnet_mp.run import Trainer
 
     cfg = load_config(None, small_overrides(data_root, run, **extra))
-    return Trainer(cfg, setup_layout(cfg.model.name, threads=1))
+    return Trainer(cfg, one_process_layout(cfg.model.name))
 
 
 @pytest.mark.parametrize("refusal", ["no data", "eval_only without a checkpoint"])
@@ -204,6 +207,7 @@ def test_a_refusal_in_a_used_run_folder_keeps_what_was_there(idx_root, tmp_path)
     assert sorted(p.name for p in run.iterdir()) == [".lock", "checkpoints", "notes.txt"]
 
 
+@pytest.mark.slow
 def test_rerunning_a_finished_run_says_it_is_done(idx_root, tmp_path):
     run = tmp_path / "r"
     args = small_overrides(idx_root, run, **{"train.max_steps": 1})

@@ -22,6 +22,8 @@ from ranks import free_port
 from alexnet_mp import canonical
 from alexnet_mp import checkpoint as ckpt
 
+pytestmark = pytest.mark.slow  # every test starts torchrun ranks
+
 SCRIPT = str(ROOT / "launch" / "train.py")
 # After a few SGD steps the layouts agree to float32 rounding (sums in another order).
 TOLERANCE = 1e-4

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cli, write_shapes_folder
+from conftest import one_process_layout, run_cli, write_shapes_folder
 
 from alexnet_mp import checkpoint as ckpt
 from alexnet_mp.config import DataConfig, load_config
@@ -23,7 +23,6 @@ from alexnet_mp.device_decode import ShardSample, collate_samples, crop, decode
 from alexnet_mp.errors import UserError
 from alexnet_mp.lighting import EIGVAL, EIGVEC
 from alexnet_mp.loader import make_loader, set_epoch
-from alexnet_mp.parallel.layout import setup_layout
 from alexnet_mp.prepare import prepare
 from alexnet_mp.run import Trainer
 from alexnet_mp.shardset import MANIFEST, ShardDataset, ShardView
@@ -93,6 +92,7 @@ def test_augmented_training_examples_are_the_same_draws(prepared):
     assert 0 < flips < 48, "every draw mirrored alike: the flip is not tested"
 
 
+@pytest.mark.slow
 def test_a_damaged_shard_is_one_line_naming_the_file(prepared, tmp_path):
     out = tmp_path / "out"
     _prepare(prepared[0], out)
@@ -127,6 +127,7 @@ def test_damage_found_before_training_is_one_line_naming_the_file(prepared, tmp_
     assert "\n" not in text and str(target) in text and "prepare_data.py" in text, text
 
 
+@pytest.mark.slow
 def test_an_interrupted_conversion_resumes_to_the_same_result(prepared, tmp_path):
     folder, good = prepared
     out = tmp_path / "out"
@@ -196,7 +197,7 @@ def _trainer(out: Path, run: Path, **extra) -> Trainer:
               "train.batch_size": 8, "train.epochs": 2, "train.lr": 0.02, "run.dir": str(run),
               "run.progress": False, "run.log_every": 1, "run.threads": 1, **extra}
     cfg = load_config(None, [f"{k}={v}" for k, v in values.items()])
-    return Trainer(cfg, setup_layout(cfg.model.name, threads=1))
+    return Trainer(cfg, one_process_layout(cfg.model.name))
 
 
 def test_resume_on_shards_is_exact(prepared, tmp_path):
@@ -265,7 +266,7 @@ def test_a_shards_checkpoint_evaluates_with_ten_crops_and_predicts(prepared, tmp
     folder, out = prepared
     _trainer(out, tmp_path / "run", **{"train.epochs": 1}).run()
     path = tmp_path / "run" / "checkpoints" / "last.pt"
-    loaded = inference.load(path, lambda cfg: setup_layout(cfg.model.name, threads=1))
+    loaded = inference.load(path, lambda cfg: one_process_layout(cfg.model.name))
     assert loaded.info.name == "shards" and loaded.info.classes == ["cross", "disc", "square"]
     for ten in (False, True):
         result = inference.evaluate_checkpoint(loaded, ten_crop=ten)
@@ -339,6 +340,7 @@ def test_fewer_larger_shards_replace_the_old_ones(prepared, tmp_path):
     assert len(ShardDataset(out, "train")) == 24
 
 
+@pytest.mark.slow
 def test_the_input_path_bench_measures_every_arm_on_imagenet_sized_photos(tmp_path):
     from PIL import Image
 

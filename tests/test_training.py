@@ -6,18 +6,17 @@ import json
 
 import pytest
 import torch
-from conftest import small_overrides
+from conftest import one_process_layout, small_overrides
 
 from alexnet_mp import checkpoint as ckpt
 from alexnet_mp.config import load_config
 from alexnet_mp.errors import UserError
-from alexnet_mp.parallel.layout import setup_layout
 from alexnet_mp.run import Trainer
 
 
 def train(idx_root, run_dir, **extra) -> Trainer:
     cfg = load_config(None, small_overrides(idx_root, run_dir, **extra))
-    trainer = Trainer(cfg, setup_layout(cfg.model.name, threads=1))
+    trainer = Trainer(cfg, one_process_layout(cfg.model.name))
     trainer.run()
     return trainer
 
@@ -32,6 +31,7 @@ def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
         assert torch.equal(a[name], b[name]), f"{name} differs"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model", ["alexnet_d2l", "alexnet_columns"])
 def test_two_epochs_equal_one_plus_resume_plus_one(idx_root, tmp_path, model):
     straight = train(idx_root, tmp_path / "a", **{"model.name": model, "train.epochs": 2})
@@ -114,7 +114,7 @@ def test_eval_only_reproduces_the_last_epochs_test_accuracy(idx_root, tmp_path):
     cfg = load_config(None, small_overrides(idx_root, run, **{"train.epochs": 2,
                                                               "model.init": "kaiming",
                                                               "train.eval_only": True}))
-    result = Trainer(cfg, setup_layout(cfg.model.name, threads=1)).run()
+    result = Trainer(cfg, one_process_layout(cfg.model.name)).run()
     assert result["test_acc"] == last_epoch["test_acc"]
     assert result["test_loss"] == pytest.approx(last_epoch["test_loss"], rel=1e-6)
     assert trained.state.global_step == 12

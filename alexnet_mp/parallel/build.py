@@ -57,10 +57,9 @@ def compile_model(model: nn.Module, layout: Layout) -> str | None:
     why_not = compile_blocker(layout)
     if why_not is not None:
         return why_not
-    import torch._inductor.config as inductor
-
     # Inductor otherwise draws dropout masks from its own generator: a compiled run would drop
     # other neurons than an eager one, and resume from the saved RNG states would not be exact.
-    inductor.fallback_random = True
-    model.compile(backend=COMPILE_BACKEND)
+    # An option of this compilation alone, so no other model in the process is affected.
+    options = {"fallback_random": True} if COMPILE_BACKEND == "inductor" else None
+    model.compile(backend=COMPILE_BACKEND, options=options)
     return None

@@ -15,7 +15,6 @@ The launcher reads torchrun's environment and passes the numbers in; nothing her
 from __future__ import annotations
 
 import datetime
-import os
 from dataclasses import dataclass, field
 
 import torch
@@ -24,7 +23,6 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from alexnet_mp.errors import UserError, peer_errors
 from alexnet_mp.guard import StepSync
-from alexnet_mp.host_memory import keep_freed_memory
 from alexnet_mp.parallel.plans import LAYOUTS, PLANS, SPLITTABLE, ParallelDims, Plan
 from alexnet_mp.parallel.startup import LaunchEnv, start_default_group
 
@@ -183,18 +181,18 @@ def pick_device(preference: str, local_rank: int) -> torch.device:
 
 
 def setup_layout(model_name: str, *, rank: int = 0, world_size: int = 1, local_rank: int = 0,
-                 local_world_size: int = 1, device: str = "auto", threads: int | None = None,
+                 local_world_size: int = 1, device: str = "auto",
                  timeout_s: float = 600.0, save_timeout_s: float = 1800.0, attempt: int = 0,
                  columns: int | None = None, layout: str = "columns",
-                 keep_host_memory: bool = True, master_addr: str | None = None,
+                 master_addr: str | None = None,
                  master_port: int | None = None, agent_store: bool = False,
                  startup_timeout_s: float = 300.0) -> Layout:
     """Check the settings against the world size, pick the device, start the process groups.
+    Threads and the C heap are the process's: its entry point sets them (:mod:`alexnet_mp.cli`).
 
     ``attempt`` is torchrun's restart count: each attempt's group keys live under their own
     prefix in the rendezvous store, which outlives a restart, so that a restarted rank never
-    reads the address of the worker it replaces. ``keep_host_memory``: a CPU rank keeps the
-    memory its steps free (:func:`alexnet_mp.host_memory.keep_freed_memory`).
+    reads the address of the worker it replaces.
     ``master_addr``/``master_port``: rank 0's rendezvous (``agent_store``: torchrun's agent
     hosts it); waiting there for every rank is bounded by ``startup_timeout_s``
     (:func:`alexnet_mp.parallel.startup.join`).
@@ -204,11 +202,6 @@ def setup_layout(model_name: str, *, rank: int = 0, world_size: int = 1, local_r
                          local_world_size=local_world_size)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
-    else:
-        # Ranks sharing a CPU must not oversubscribe its cores, or they fight and both slow down.
-        torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // local_world_size))
-        if keep_host_memory:
-            keep_freed_memory()
     if world_size == 1:
         return Layout(device=dev, layout=dims.layout)
     launch = LaunchEnv(rank, world_size, local_rank, local_world_size, attempt, master_addr,

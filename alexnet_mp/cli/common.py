@@ -1,4 +1,4 @@
-"""What both entry points read from torchrun's environment, and how they report bad input."""
+"""What every entry point reads from torchrun's environment, and how it reports bad input."""
 
 from __future__ import annotations
 
@@ -8,17 +8,26 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from alexnet_mp.cli.process import configure_process
 from alexnet_mp.config import Config, load_config
 from alexnet_mp.errors import UserError
 from alexnet_mp.parallel.layout import Layout, setup_layout
 from alexnet_mp.parallel.startup import launch_env
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
+PACKAGE = Path(__file__).resolve().parents[1]
+
+
+def default_config() -> Path:
+    """configs/default.yaml, through the package: in a clone ``alexnet_mp/configs`` links to
+    the clone's folder, and a wheel holds the files. A checkout that lost the link (a copy
+    that skips links, git without symlinks) reads the clone's folder itself."""
+    packaged = PACKAGE / "configs" / "default.yaml"
+    return packaged if packaged.is_file() else PACKAGE.parent / "configs" / "default.yaml"
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
     """``--config`` (default configs/default.yaml) with the command line's overrides on top."""
-    return load_config(args.config, args.overrides, default_path=DEFAULT_CONFIG)
+    return load_config(args.config, args.overrides, default_path=default_config())
 
 
 def env_rank() -> int:
@@ -36,16 +45,14 @@ def layout_from_env(cfg: Config, model_name: str) -> Layout:
     layout = setup_layout(
         model_name, rank=env.rank, world_size=env.world_size, local_rank=env.local_rank,
         local_world_size=env.local_world_size, device=cfg.run.device,
-        threads=cfg.run.threads, timeout_s=cfg.run.timeout_s,
-        save_timeout_s=cfg.run.save_timeout_s, columns=cfg.parallel.columns,
-        layout=cfg.parallel.layout, keep_host_memory=cfg.run.keep_host_memory,
-        attempt=env.attempt, master_addr=env.master_addr, master_port=env.master_port,
+        timeout_s=cfg.run.timeout_s, save_timeout_s=cfg.run.save_timeout_s,
+        columns=cfg.parallel.columns, layout=cfg.parallel.layout, attempt=env.attempt,
+        master_addr=env.master_addr, master_port=env.master_port,
         agent_store=env.agent_store, startup_timeout_s=cfg.run.startup_timeout_s)
-    if layout.device.type == "cuda":
-        # Process-wide, so set here at the entry point rather than inside the package.
-        import torch
-
-        torch.backends.cudnn.benchmark = cfg.run.cudnn_benchmark
+    configure_process(layout.device, threads=cfg.run.threads,
+                      local_world_size=env.local_world_size,
+                      keep_host_memory=cfg.run.keep_host_memory,
+                      cudnn_benchmark=cfg.run.cudnn_benchmark)
     return layout
 
 
