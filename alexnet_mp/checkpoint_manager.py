@@ -56,6 +56,7 @@ class CheckpointManager:
         self.resumed_step = -1
         self.saved_step = -1  # the global step of the last checkpoint this run wrote
         self.writer = BackgroundWriter()
+        self._host: dict[str, Any] = {}  # the last background save's copy, reused by the next
 
     # -- resume ------------------------------------------------------------------------------
     def _choose(self) -> tuple[Path, dict[str, Any]] | None:
@@ -179,8 +180,10 @@ class CheckpointManager:
             step = state.global_step
             if background:
                 # A CPU rank's gathered tensors are its live parameters: the copy is the
-                # state of this step, whatever the next steps change.
-                contents = copy.deepcopy(contents)
+                # state of this step, whatever the next steps change. finish() above has
+                # waited for the write that used the last copy, so its buffers are free again,
+                # and refilling pages already touched costs far less than fresh ones.
+                contents = self._host = host_copy(contents, self._host)
                 self.writer.submit(lambda: self._write(contents, step, best))
             else:
                 try:
@@ -256,3 +259,21 @@ class CheckpointManager:
         start = first_bad - 1 if streak > 1 else max(first_bad - 1, self.resumed_step + 1)
         moved = folder.set_aside_from(self.path, start, "nonfinite")
         return folder.poisoned_line(self.path, moved, self.cfg.train.resume)
+
+
+def host_copy(obj: Any, reuse: Any = None) -> Any:
+    """``obj`` copied to host memory, sharing nothing with it; a tensor of ``reuse`` at the same
+    place with the same shape and dtype is filled instead of allocating a new one."""
+    if isinstance(obj, torch.Tensor):
+        if (isinstance(reuse, torch.Tensor) and reuse.shape == obj.shape
+                and reuse.dtype == obj.dtype and reuse.device.type == "cpu"):
+            return reuse.copy_(obj.detach())
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        old = reuse if isinstance(reuse, dict) else {}
+        return {k: host_copy(v, old.get(k)) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        fits = isinstance(reuse, type(obj)) and len(reuse) == len(obj)
+        old = reuse if fits else [None] * len(obj)
+        return type(obj)(host_copy(v, o) for v, o in zip(obj, old))
+    return copy.deepcopy(obj)
