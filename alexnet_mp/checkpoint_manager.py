@@ -5,10 +5,17 @@ the LR schedule, the gradient scaler, the loop's :class:`~alexnet_mp.engine.Trai
 replica's RNG streams, and the metrics log's length. Rank 0 alone reads and writes files; it
 chooses the checkpoint and sends it to every rank, so resume needs neither a shared file system
 nor agreement between ranks scanning a folder.
+
+With ``run.async_checkpoint`` rank 0 copies the gathered state to host memory at the step and a
+:class:`~alexnet_mp.checkpoint_writer.BackgroundWriter` writes, links and prunes while training
+goes on. Whatever must see the folder settled (the next save, a stop, the run's end, an error, a
+resume, setting files aside) waits for that write first; its failure is then the same one line
+a synchronous save gives.
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,6 +27,7 @@ from torch import nn
 from alexnet_mp import canonical
 from alexnet_mp import checkpoint as ckpt
 from alexnet_mp import checkpoint_folder as folder
+from alexnet_mp.checkpoint_writer import BackgroundWriter
 from alexnet_mp.config import Config, resume_changes
 from alexnet_mp.engine import NonFiniteError, Precision, TrainState
 from alexnet_mp.errors import UserError, peer_errors
@@ -47,10 +55,13 @@ class CheckpointManager:
         self.changes: list[str] = []  # config keys changed since the checkpoint (rank 0)
         self.resumed_step = -1
         self.saved_step = -1  # the global step of the last checkpoint this run wrote
+        self.writer = BackgroundWriter()
+        self._host: dict[str, Any] = {}  # the last background save's copy, reused by the next
 
     # -- resume ------------------------------------------------------------------------------
     def _choose(self) -> tuple[Path, dict[str, Any]] | None:
         """Rank 0: the checkpoint to resume from, checked against this run's model and config."""
+        self.wait()  # a resume in the same process reads the folder as the last save left it
         resume = self.cfg.train.resume
         if resume == "none":
             if ckpt.candidates(self.path):
@@ -146,6 +157,9 @@ class CheckpointManager:
         """Every rank joins; rank 0 writes one canonical file; every rank learns whether it
         worked, so a failed write is one line everywhere instead of a hang or a false
         "peer lost" on the others."""
+        background = self.cfg.run.async_checkpoint
+        if background:
+            self.finish()  # at most one write in flight; a failed one stops every rank here
         bad = canonical.nonfinite_parameters(self.model)
         self.agree(NonFiniteError(
             f"the parameters became NaN or infinite ({bad[0]}) after step "
@@ -162,23 +176,67 @@ class CheckpointManager:
         replicas = {"replicas": rng[::self.layout.columns][:self.layout.replicas]}
         error = None
         if self.layout.is_main:
-            try:
-                self._write(state, model, optimizer, replicas, best)
-            except UserError as exc:
-                error = exc
+            contents = self._contents(state, model, optimizer, replicas)
+            step = state.global_step
+            if background:
+                # A CPU rank's gathered tensors are its live parameters: the copy is the
+                # state of this step, whatever the next steps change. finish() above has
+                # waited for the write that used the last copy, so its buffers are free again,
+                # and refilling pages already touched costs far less than fresh ones.
+                contents = self._host = host_copy(contents, self._host)
+                self.writer.submit(lambda: self._write(contents, step, best))
+            else:
+                try:
+                    self._write(contents, step, best)
+                except UserError as exc:
+                    error = exc
         self.agree(error)
         self.saved_step = state.global_step
 
-    def _write(self, train: TrainState, model: dict, optimizer: dict, rng: dict,
-               best: bool) -> None:
+    def finish(self) -> None:
+        """Every rank joins: rank 0 waits for its write in flight, and if that write failed,
+        every rank raises its line."""
+        if not self.cfg.run.async_checkpoint:
+            return
+        error = None
+        if self.layout.is_main:
+            try:
+                self.writer.wait()
+            except UserError as exc:
+                error = exc
+        self.agree(error)
+
+    def wait(self) -> None:
+        """This rank alone: wait for the write in flight, raising its error."""
+        self.writer.wait()
+
+    def close(self) -> None:
+        """Wait for the write in flight on a path that already ends the run (an error): its own
+        failure is only said, the error on its way matters more."""
+        try:
+            self.writer.wait()
+        except UserError as exc:
+            self.warn(str(exc))
+
+    def abandon(self) -> None:
+        """A second Ctrl-C: leave the write in flight, and remove its temporary files, so
+        that the folder holds only whole checkpoints when the process ends."""
+        if self.writer.busy:
+            self.writer.abandon()
+            ckpt.remove_temporaries(self.path)
+
+    def _contents(self, train: TrainState, model: dict, optimizer: dict, rng: dict
+                  ) -> dict[str, Any]:
         scaler = self.precision.scaler
-        state = {"format": ckpt.FORMAT, "model_name": model_family(self.cfg.model.name),
-                 "model": model, "optimizer": optimizer, "train": train.to_dict(),
-                 "scheduler": self.scheduler.state_dict() if self.scheduler else None,
-                 "scaler": scaler.state_dict() if scaler else None,
-                 "rng": rng, "config": self.cfg.to_dict(), "log_records": self.log.records,
-                 "data": self.data_info}
-        path = self.path / f"step-{train.global_step:08d}.pt"
+        return {"format": ckpt.FORMAT, "model_name": model_family(self.cfg.model.name),
+                "model": model, "optimizer": optimizer, "train": train.to_dict(),
+                "scheduler": self.scheduler.state_dict() if self.scheduler else None,
+                "scaler": scaler.state_dict() if scaler else None,
+                "rng": rng, "config": self.cfg.to_dict(), "log_records": self.log.records,
+                "data": self.data_info}
+
+    def _write(self, state: dict[str, Any], step: int, best: bool) -> None:
+        path = self.path / f"step-{step:08d}.pt"
         ckpt.save_atomic(state, path)
         ckpt.link_atomic(path, self.path / "last.pt")
         if best:
@@ -195,8 +253,27 @@ class CheckpointManager:
         began before a resume (a checkpoint saved mid-streak). The end of the error's line."""
         if not self.layout.is_main:
             return ""
+        self.close()  # the write in flight may hold the damage too
         streak = max(skipped_in_row, 1)
         first_bad = bad_step - streak + 1
         start = first_bad - 1 if streak > 1 else max(first_bad - 1, self.resumed_step + 1)
         moved = folder.set_aside_from(self.path, start, "nonfinite")
         return folder.poisoned_line(self.path, moved, self.cfg.train.resume)
+
+
+def host_copy(obj: Any, reuse: Any = None) -> Any:
+    """``obj`` copied to host memory, sharing nothing with it; a tensor of ``reuse`` at the same
+    place with the same shape and dtype is filled instead of allocating a new one."""
+    if isinstance(obj, torch.Tensor):
+        if (isinstance(reuse, torch.Tensor) and reuse.shape == obj.shape
+                and reuse.dtype == obj.dtype and reuse.device.type == "cpu"):
+            return reuse.copy_(obj.detach())
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        old = reuse if isinstance(reuse, dict) else {}
+        return {k: host_copy(v, old.get(k)) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        fits = isinstance(reuse, type(obj)) and len(reuse) == len(obj)
+        old = reuse if fits else [None] * len(obj)
+        return type(obj)(host_copy(v, o) for v, o in zip(obj, old))
+    return copy.deepcopy(obj)

@@ -104,6 +104,9 @@ class RunConfig:
     log_every: int = 20
     checkpoint_every: int = 0  # optimizer steps between checkpoints; 0: at epoch ends only
     keep_checkpoints: int = 2
+    # Rank 0 writes each checkpoint on a background thread from a host copy taken at the step,
+    # so training goes on while the file is written; false writes it before the next step.
+    async_checkpoint: bool = True
     device: str = "auto"  # auto | cpu | cuda | mps
     threads: int | None = None  # CPU threads per rank; default: cores / local ranks
     # CPU ranks keep the memory a step frees for the next step instead of handing large blocks

@@ -99,6 +99,7 @@ def fit(t: Trainer, guard: StepGuard) -> dict:
               f"{time.perf_counter() - start:.0f} s", flush=True)
         if guard.poll():
             return stopped(t, guard, saved=True)
+    t.checkpoints.finish()  # "done" only once the last checkpoint is on disk
     if result:
         t.say(f"done: test accuracy {result['test_acc']:.4f} after "
               f"{count(state.global_step, 'step')} in "
@@ -154,6 +155,7 @@ def stopped(t: Trainer, guard: StepGuard, saved: bool) -> dict:
     """A stop on request: the state saved (unless it already is), the stop in the history."""
     if not saved:
         t.save()
+    t.checkpoints.finish()
     name = guard.signal.name if guard.signal is not None else "a stop request"
     t.folder.record_stop(name, t.state.global_step)
     t.say(f"stopped on request ({name}) at step {t.state.global_step}; checkpoint "

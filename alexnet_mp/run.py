@@ -149,6 +149,11 @@ class Trainer:
                 self.layout.rank, self.layout.world_size, self.state.global_step + 1,
                 self.state.epoch + 1, str(exc), str(self.folder.checkpoints),
                 self.restarts)) from None
+        except KeyboardInterrupt:
+            self.checkpoints.abandon()  # a second Ctrl-C does not wait for a slow disk
+            raise
         finally:
             guard.uninstall()
+            # The lock is released only once the write in flight has ended.
+            self.checkpoints.close()
             self.close()

@@ -403,3 +403,27 @@ def test_variants_are_checked_and_named():
         Variant.parse("lrn_ref+turbo")
     assert rank_cores({0, 1}, 0, 2) == {0} and rank_cores({0, 1}, 1, 2) == {1}
     assert rank_cores({4, 5, 6, 7}, 1, 2) == {6, 7}
+
+
+def test_the_saves_bench_reports_how_long_a_save_blocks_the_loop(idx_root, tmp_path):
+    from conftest import small_overrides
+
+    from alexnet_mp.bench.saves import saves_bench, saves_markdown
+    from alexnet_mp.config import load_config
+    from alexnet_mp.parallel.layout import setup_layout
+
+    cfg = load_config(None, small_overrides(idx_root, tmp_path / "r"))
+    result = saves_bench(cfg, setup_layout(cfg.model.name, threads=1), tmp_path / "w", rounds=2)
+    assert len(result["blocked_s"]["sync"]) == len(result["blocked_s"]["async"]) == 2
+    assert result["file_bytes"] > 4 * result["parameters"]  # parameters and momentum, float32
+    assert result["async_fraction"] == result["async_blocked_s"] / result["sync_blocked_s"]
+    # Both arms wrote whole checkpoints of every round.
+    for arm in ("sync", "async"):
+        assert ckpt_steps(tmp_path / "w" / arm) == [2, 1]
+    assert "background blocks the loop for" in saves_markdown(result)
+
+
+def ckpt_steps(folder) -> list[int]:
+    from alexnet_mp import checkpoint as ckpt
+
+    return [ckpt.load(p)["train"]["global_step"] for p in ckpt.step_files(folder)]

@@ -46,4 +46,5 @@ The modules, one job each (the package itself imports none of them):
 - ``attribution``: the profiled steps' time per layer, exchange and phase;
 - ``report``: bench.md's tables, the scaling table over several runs, bench.png;
 - ``micro``: the main job's start-up and the LRN alone.
+- ``saves``: how long a checkpoint save blocks the loop, synchronous and in the background.
 """

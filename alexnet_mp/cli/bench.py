@@ -97,6 +97,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "on a tiny model (1/32 width, 67 px, 2 images per rank), whose device "
                         "work is next to nothing, so each layout's step time is what the host "
                         "spends on it")
+    p.add_argument("--saves", action="store_true",
+                   help="how long a checkpoint save blocks the loop, synchronous and background")
     p.add_argument("--steps", type=int, default=8, help="timed steps per layout")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     p.add_argument("--out", help="output folder (default: runs/<config>-bench)")
@@ -215,6 +217,9 @@ def main(argv: list[str] | None = None) -> int:
         return run_entry(args, lambda cfg, open_layout: startup(args, cfg))
     if args.lrn:
         return run_entry(args, lambda cfg, open_layout: lrn(args, cfg, open_layout))
+    if args.saves:
+        from alexnet_mp.bench.saves import saves
+        return run_entry(args, lambda cfg, open_layout: saves(args, cfg, open_layout))
     if args.input_path:
         return run_entry(args, lambda cfg, open_layout: input_path(args, cfg))
 
