@@ -12,13 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, small_overrides, wait_for
+from conftest import ROOT, one_process_layout, small_overrides, wait_for
 
 from alexnet_mp import checkpoint as ckpt
 from alexnet_mp.checkpoint_manager import host_copy
 from alexnet_mp.checkpoint_writer import BackgroundWriter
 from alexnet_mp.config import load_config
-from alexnet_mp.parallel.layout import setup_layout
 from alexnet_mp.run import Trainer
 
 SCRIPT = str(ROOT / "launch" / "train.py")
@@ -26,7 +25,7 @@ SCRIPT = str(ROOT / "launch" / "train.py")
 
 def _trainer(idx_root, run, **extra) -> Trainer:
     cfg = load_config(None, small_overrides(idx_root, run, **extra))
-    return Trainer(cfg, setup_layout(cfg.model.name, threads=1))
+    return Trainer(cfg, one_process_layout(cfg.model.name))
 
 
 def test_the_host_copy_is_the_state_of_its_step_and_reuses_the_last_copy():

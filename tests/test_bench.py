@@ -410,10 +410,10 @@ def test_the_saves_bench_reports_how_long_a_save_blocks_the_loop(idx_root, tmp_p
 
     from alexnet_mp.bench.saves import saves_bench, saves_markdown
     from alexnet_mp.config import load_config
-    from alexnet_mp.parallel.layout import setup_layout
+    from conftest import one_process_layout
 
     cfg = load_config(None, small_overrides(idx_root, tmp_path / "r"))
-    result = saves_bench(cfg, setup_layout(cfg.model.name, threads=1), tmp_path / "w", rounds=2)
+    result = saves_bench(cfg, one_process_layout(cfg.model.name), tmp_path / "w", rounds=2)
     assert len(result["blocked_s"]["sync"]) == len(result["blocked_s"]["async"]) == 2
     assert result["file_bytes"] > 4 * result["parameters"]  # parameters and momentum, float32
     assert result["async_fraction"] == result["async_blocked_s"] / result["sync_blocked_s"]
