@@ -406,11 +406,10 @@ def test_variants_are_checked_and_named():
 
 
 def test_the_saves_bench_reports_how_long_a_save_blocks_the_loop(idx_root, tmp_path):
-    from conftest import small_overrides
+    from conftest import one_process_layout, small_overrides
 
     from alexnet_mp.bench.saves import saves_bench, saves_markdown
     from alexnet_mp.config import load_config
-    from conftest import one_process_layout
 
     cfg = load_config(None, small_overrides(idx_root, tmp_path / "r"))
     result = saves_bench(cfg, one_process_layout(cfg.model.name), tmp_path / "w", rounds=2)
