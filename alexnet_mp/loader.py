@@ -274,7 +274,19 @@ class _CheckedIter:
         return len(self._inner)
 
     def __next__(self) -> Any:
-        batch = next(self._inner)
+        try:
+            batch = next(self._inner)
+        except StopIteration:
+            raise
+        except BaseException:
+            # A worker's error ends the epoch, and usually the process a moment later: the other
+            # workers are ended now, while the queues they are still unpickling (started by the
+            # forkserver, they read their start-up state from a pipe) exist, rather than failing
+            # with a traceback of their own when this process has gone.
+            shutdown = getattr(self._inner, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
+            raise
         if type(batch) is BadBatch:
             batch = self._loader._accept(batch)
         return batch
