@@ -93,8 +93,9 @@ def test_history_records_each_starts_world_size_layout_and_mesh(tmp_path):
 def _args(data: Path, run: Path) -> list[str]:
     return small_overrides(data, run, **{
         "model.name": "alexnet_columns", "parallel.columns": 2, "train.epochs": EPOCHS,
-        "train.lr": 0.05, "run.checkpoint_every": CHECKPOINT_EVERY, "run.log_every": 1,
-        "run.timeout_s": 60, "run.startup_timeout_s": 120})
+        "model.init": "kaiming", "model.dropout": 0.0, "train.lr": 0.01,
+        "run.checkpoint_every": CHECKPOINT_EVERY, "run.log_every": 1, "run.timeout_s": 60,
+        "run.startup_timeout_s": 120})
 
 
 def _agent(port: int, args: list[str], log: Path) -> subprocess.Popen:
@@ -202,13 +203,23 @@ def test_a_run_that_lost_a_node_takes_the_steps_and_rates_of_a_straight_run(runs
     straight, run, _ = runs
     steps = [(r["epoch"], r["step"], r["lr"]) for r in _records(run, "step")]
     assert steps == [(r["epoch"], r["step"], r["lr"]) for r in _records(straight, "step")]
-    assert [r["step"] for r in _records(run, "step")] == list(range(1, 1 + 80))
+    every = list(range(1, 1 + STEPS_PER_EPOCH * EPOCHS))
+    assert [r["step"] for r in _records(run, "step")] == every
 
 
-def test_a_run_that_lost_a_node_ends_as_accurate_as_a_straight_run(runs):
-    """Not bit-identical: two replicas drew their own dropout masks before the loss, and the
-    gradient all-reduce sums in another order. 80 test images, 10 classes: 0.15 is 12 images."""
+def test_a_run_that_lost_a_node_trains_as_a_straight_run_up_to_rounding(runs):
+    """Not bit-identical: before the loss the gradient all-reduce of two replicas summed in
+    another order (dropout is off here; with it two replicas would also draw their own masks).
+    So the losses of every step up to ten past the resume agree to 1e-4; later the rounding
+    grows (this tiny net at this rate amplifies it: final test accuracies 0.59 against 1.0 and
+    1.0 against 0.7 were seen), so the end is compared only as having learnt, chance being 0.1
+    on 80 test images of 10 classes."""
     straight, run, _ = runs
-    final = _records(run, "epoch")[-1]["test_acc"]
-    reference = _records(straight, "epoch")[-1]["test_acc"]
-    assert abs(final - reference) <= 0.15, (final, reference)
+    resumed = [h for h in _history(run) if h["event"] == "start"][-1]["step"]
+    losses = [[r["loss"] for r in _records(folder, "step")] for folder in (run, straight)]
+    for step, (a, b) in enumerate(zip(*losses), start=1):
+        if step > resumed + 10:
+            break
+        assert a == pytest.approx(b, rel=1e-4, abs=1e-5), f"step {step}: {a} against {b}"
+    for folder in (run, straight):
+        assert _records(folder, "epoch")[-1]["test_acc"] >= 0.5, folder
