@@ -184,6 +184,7 @@ def runs(tmp_path_factory):
     return tmp / "straight", run, output
 
 
+@pytest.mark.slow
 def test_a_lost_node_leaves_the_survivor_finishing_every_step_at_half_the_size(runs):
     straight, run, output = runs
     starts = [h for h in _history(run) if h["event"] == "start"]
@@ -199,6 +200,7 @@ def test_a_lost_node_leaves_the_survivor_finishing_every_step_at_half_the_size(r
     assert last["step"] == STEPS_PER_EPOCH * EPOCHS and not last["partial"]
 
 
+@pytest.mark.slow
 def test_a_run_that_lost_a_node_takes_the_steps_and_rates_of_a_straight_run(runs):
     straight, run, _ = runs
     steps = [(r["epoch"], r["step"], r["lr"]) for r in _records(run, "step")]
@@ -207,6 +209,7 @@ def test_a_run_that_lost_a_node_takes_the_steps_and_rates_of_a_straight_run(runs
     assert [r["step"] for r in _records(run, "step")] == every
 
 
+@pytest.mark.slow
 def test_a_run_that_lost_a_node_trains_as_a_straight_run_up_to_rounding(runs):
     """Not bit-identical: before the loss the gradient all-reduce of two replicas summed in
     another order (dropout is off here; with it two replicas would also draw their own masks).
