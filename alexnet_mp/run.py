@@ -113,14 +113,22 @@ class Trainer:
                 raise UserError(f"train.eval_only=true needs a trained model, but "
                                 f"'{self.folder.checkpoints}' holds no checkpoint; set "
                                 "train.resume=PATH to a checkpoint")
-            self.folder.record_start(self.cfg, self.state.global_step, None, [])
+            self.folder.record_start(self.cfg, self.state.global_step, None, [], self.layout)
             return
         self.state = self.checkpoints.restore(path, saved)
         self.resumed_from = path
-        self.folder.record_start(self.cfg, self.state.global_step, path,
-                                 self.checkpoints.changes if saved.get("config") else [])
-        self.say(f"resumed from {path} (epoch {self.state.epoch + 1}, batch {self.state.step}, "
-                 f"step {self.state.global_step})", flush=True)
+        before = self.folder.record_start(
+            self.cfg, self.state.global_step, path,
+            self.checkpoints.changes if saved.get("config") else [], self.layout)
+        where = (f"resumed from {path} (epoch {self.state.epoch + 1}, batch {self.state.step}, "
+                 f"step {self.state.global_step})")
+        if before is not None and before != self.layout.world_size:
+            # An elastic job re-formed with another number of nodes: the checkpoint is
+            # layout-free and the global batch the same, so training goes on where it was.
+            self.say(f"world size {before} → {self.layout.world_size} at step "
+                     f"{self.state.global_step} ({self.layout.name}; {where})", flush=True)
+        else:
+            self.say(where, flush=True)
 
     def save(self, best: bool = False) -> None:
         """A checkpoint of this moment, from every rank (see :class:`CheckpointManager`)."""

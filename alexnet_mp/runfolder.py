@@ -15,12 +15,15 @@ import shutil
 import socket
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from alexnet_mp.checkpoint import remove_temporaries
 from alexnet_mp.config import Config, dump_config
 from alexnet_mp.errors import UserError, count
-from alexnet_mp.metrics import MetricsLog, append_json, plot_curves
+from alexnet_mp.metrics import MetricsLog, append_json, plot_curves, read_log
+
+if TYPE_CHECKING:
+    from alexnet_mp.parallel.layout import Layout
 
 LOCK_NAME = ".lock"
 
@@ -123,6 +126,15 @@ def check_room(checkpoints: Path, checkpoint_bytes: int, keep: int) -> None:
                         "disk")
 
 
+def previous_world_size(history: Path) -> int | None:
+    """The world size the last recorded start ran at (None before any, or in a history written
+    before starts recorded it)."""
+    for record in reversed(read_log(history)):
+        if record.get("event") in ("start", "eval_only"):
+            return record.get("world_size")
+    return None
+
+
 def _now() -> str:
     return datetime.datetime.now().isoformat(timespec="seconds")
 
@@ -157,19 +169,28 @@ class RunFolder:
             self.lock = None
 
     def record_start(self, cfg: Config, step: int, resumed_from: Path | None,
-                     changes: list[str]) -> None:
+                     changes: list[str], layout: Layout | None = None) -> int | None:
+        """One line of ``history.jsonl`` for this start, with the world size, layout and mesh
+        when ``layout`` is given; returns the world size of the start before it (None: none
+        recorded), so that a change of membership (an elastic job that lost or gained a node)
+        reads as old -> new at this step."""
         if not self.is_main:
-            return
+            return None
+        previous = previous_world_size(self.path / "history.jsonl")
+        shape = {} if layout is None else {
+            "world_size": layout.world_size, "layout": layout.name,
+            "mesh": {"replica": layout.replicas, "column": layout.columns}}
         append_json(self.path / "history.jsonl", {
             "event": "eval_only" if cfg.train.eval_only else "start", "time": _now(),
             "step": step, "resumed_from": str(resumed_from) if resumed_from else None,
-            "changed": changes, "config": cfg.to_dict()})
+            **shape, "changed": changes, "config": cfg.to_dict()})
         if not cfg.train.eval_only:
             try:
                 dump_config(cfg, self.path / "config.yaml")
             except OSError as exc:
                 raise UserError(f"could not write '{self.path / 'config.yaml'}' "
                                 f"({exc.strerror}); free space or set run.dir") from None
+        return previous
 
     def record_stop(self, signal: str, step: int) -> None:
         if self.is_main:
