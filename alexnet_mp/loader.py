@@ -184,7 +184,7 @@ def _worker_init(main_pid: int, worker_id: int) -> None:
 # monitor, the index queues' feeders of the epoch that just ended); Python before 3.12 can leave
 # a forked child hung in its first instant on a lock one of them held (the interpreter's
 # thread-list lock among them), and the ranks with it. The dataset is pickled to each worker
-# once an epoch instead of being inherited, a cost of milliseconds against an epoch's minutes.
+# once an epoch instead of being inherited.
 _PRELOAD = ["__main__", "torch", "torchvision", "alexnet_mp.loader", "alexnet_mp.data",
             "alexnet_mp.imagefolder", "alexnet_mp.shardset"]
 
