@@ -17,7 +17,7 @@ from conftest import ROOT, one_process_layout, small_overrides
 
 from alexnet_mp.config import load_config
 from alexnet_mp.memory_estimate import GiB, OutOfMemory, check_fits, estimate, free_memory
-from alexnet_mp.parallel.layout import Layout
+from alexnet_mp.parallel.layout import Layout, ParallelDims
 from alexnet_mp.run import Trainer
 
 PAPER = ["model.name=alexnet_columns", "model.num_classes=1000", "model.in_channels=3",
@@ -38,10 +38,10 @@ def test_the_estimate_counts_the_papers_parameters_in_every_layout():
     assert one.parameter_count == PAPER_PARAMETERS
     assert one.parameters == one.gradients == one.momentum == 4 * PAPER_PARAMETERS
     assert one.largest_layer == ("fc6", 9216 * 4096 + 4096)
-    columns = [estimate(cfg, Layout(world_size=2, columns=2, column=c)) for c in (0, 1)]
+    columns = [estimate(cfg, Layout(dims=ParallelDims(2, 2), column=c)) for c in (0, 1)]
     assert sum(e.parameter_count for e in columns) == PAPER_PARAMETERS
     assert all(e.buckets == 0 for e in columns)  # one replica: nothing is all-reduced
-    hybrid = [estimate(cfg, Layout(rank=r, world_size=4, columns=4, column=r, layout="hybrid"))
+    hybrid = [estimate(cfg, Layout(dims=ParallelDims(4, 4, "hybrid"), rank=r, column=r))
               for r in range(4)]
     trunk = hybrid[0].buckets // 4  # every rank holds the whole trunk, all-reduced
     assert sum(e.parameter_count for e in hybrid) - 3 * trunk == PAPER_PARAMETERS

@@ -156,9 +156,9 @@ def test_evaluation_on_four_ranks_counts_every_example_once(tmp_path):
 def test_a_split_model_that_cannot_describe_its_rows_is_an_error():
     from torch import nn
 
-    from alexnet_mp.parallel.layout import Layout
+    from alexnet_mp.parallel.layout import Layout, ParallelDims
 
-    split = Layout(world_size=2, columns=2, column=1)
+    split = Layout(dims=ParallelDims(2, 2), column=1)
     with pytest.raises(TypeError, match="does not describe its rows"):
         canonical.model_state(nn.Linear(4, 2), split)
     assert canonical.model_state(nn.Linear(4, 2), Layout())["weight"].shape == (2, 4)

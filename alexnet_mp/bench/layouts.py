@@ -41,8 +41,7 @@ def mesh_name(name: str, dims: ParallelDims) -> str:
     if name in ONE_DEVICE:
         return Layout().name
     whole = dims.plan.whole_model(dims)
-    return Layout(world_size=dims.world_size, layout=dims.layout, columns=dims.columns,
-                  column=None if whole else 0, replicas=dims.replicas).name
+    return Layout(dims=dims, column=None if whole else 0).name
 
 
 def check_layouts(layouts: list[str], world: int) -> None:

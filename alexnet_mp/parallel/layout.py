@@ -59,15 +59,16 @@ def parallel_dims(model_name: str, world_size: int, *, columns: int | None = Non
 
 @dataclass
 class Layout:
+    """This rank's place in the world: the checked dims (and through them the plan), its
+    coordinates on the mesh, its device and its process groups. The world's shape lives in
+    ``dims`` alone; ``world_size``, ``columns``, ``replicas`` and ``layout`` read it."""
+
+    dims: ParallelDims = field(default_factory=ParallelDims)
     rank: int = 0
-    world_size: int = 1
     local_rank: int = 0
     local_world_size: int = 1
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    layout: str = "columns"  # parallel.layout: the plan's name in PLANS
-    columns: int = 1  # ranks per replica, one column each (hybrid: every rank, FC rows split)
     column: int | None = None  # None: the whole model lives here
-    replicas: int = 1
     replica: int = 0
     mesh: DeviceMesh | None = None  # ("replica", "column"); None on one process
     column_group: dist.ProcessGroup | None = None  # exchanges (hybrid: also the trunk's grads)
@@ -75,9 +76,27 @@ class Layout:
     step_group: dist.ProcessGroup | None = None  # the per-step guard over the whole world
 
     @property
+    def world_size(self) -> int:
+        return self.dims.world_size
+
+    @property
+    def columns(self) -> int:
+        """Ranks per replica, one column each (hybrid: every rank, FC rows split)."""
+        return self.dims.columns
+
+    @property
+    def replicas(self) -> int:
+        return self.dims.replicas
+
+    @property
+    def layout(self) -> str:
+        """``parallel.layout``: the plan's name in PLANS."""
+        return self.dims.layout
+
+    @property
     def plan(self) -> Plan:
         """What this layout builds, reads and reports (:mod:`alexnet_mp.parallel.plans`)."""
-        return PLANS[self.layout]
+        return self.dims.plan
 
     @property
     def group(self) -> dist.ProcessGroup | None:
@@ -96,10 +115,6 @@ class Layout:
     @property
     def distributed(self) -> bool:
         return self.world_size > 1
-
-    @property
-    def dims(self) -> ParallelDims:
-        return ParallelDims(self.world_size, self.columns, self.layout)
 
     @property
     def data_shards(self) -> int:
@@ -203,7 +218,7 @@ def setup_layout(model_name: str, *, rank: int = 0, world_size: int = 1, local_r
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     if world_size == 1:
-        return Layout(device=dev, layout=dims.layout)
+        return Layout(dims=dims, device=dev)
     launch = LaunchEnv(rank, world_size, local_rank, local_world_size, attempt, master_addr,
                        master_port, agent_store)
     start_default_group(launch, dev, startup_timeout_s=startup_timeout_s,
@@ -236,8 +251,7 @@ def mesh_layout(dims: ParallelDims, *, device: torch.device, timeout_s: float,
                                  mesh_dim_names=MESH_DIMS)
     replica, column = mesh.get_local_rank("replica"), mesh.get_local_rank("column")
     whole = dims.plan.whole_model(dims)
-    return Layout(rank=rank, world_size=world, local_rank=local_rank,
-                  local_world_size=local_world_size, device=device, layout=dims.layout,
-                  columns=columns, column=None if whole else column, replicas=replicas,
-                  replica=replica, mesh=mesh, column_group=column_group,
-                  replica_group=replica_group, step_group=step_group)
+    return Layout(dims=dims, rank=rank, local_rank=local_rank,
+                  local_world_size=local_world_size, device=device,
+                  column=None if whole else column, replica=replica, mesh=mesh,
+                  column_group=column_group, replica_group=replica_group, step_group=step_group)
