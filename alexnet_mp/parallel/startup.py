@@ -141,8 +141,10 @@ def join(launch: LaunchEnv, *, startup_timeout_s: float) -> dist.Store:
             raise LaunchEnvError(f"rank 0 could not open the rendezvous at {where} "
                                  f"({first_line(exc)}); choose a free MASTER_PORT") from None
         raise StartupTimeout(nobody) from None
-    # Each restart attempt counts afresh: the agent's store outlives a restart.
-    store = dist.PrefixStore(f"alexnet_mp/{launch.attempt}", store)
+    # The agent's store outlives a restart, so each attempt counts under its own prefix. A
+    # store that rank 0 hosts is new with every attempt, and there the restart counts can
+    # differ: an agent that joins a running elastic job starts its count at 0.
+    store = dist.PrefixStore(f"alexnet_mp/{launch.attempt if launch.agent_store else 0}", store)
     try:
         joined = _count(store, world, hosting, deadline)
     except RuntimeError:  # rank 0, which holds the store, went away
