@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -81,6 +82,53 @@ def test_a_failed_background_write_stops_training_at_the_next_save_in_one_line(
     assert not [p.name for p in folder.iterdir() if p.name.endswith(".tmp")]
 
 
+def test_one_write_in_flight_the_next_save_waits_and_training_goes_on_meanwhile(
+        idx_root, tmp_path, monkeypatch):
+    """The write of step 4 is held until the loop next waits for it: the loop must have
+    trained past step 4 by then, and no other write may start while it is held."""
+    real = ckpt.save_atomic
+    release = threading.Event()
+    events: list[tuple[str, str, int]] = []
+    in_flight = []
+
+    def held_save(state, path):
+        in_flight.append(path.name)
+        events.append(("start", path.name, trainer.state.global_step))
+        assert len(in_flight) == 1, f"two writes in flight: {in_flight}"
+        if path.name == "step-00000004.pt":
+            assert release.wait(timeout=120), "nothing waited for the write in flight"
+        real(state, path)
+        events.append(("end", path.name, trainer.state.global_step))
+        in_flight.remove(path.name)
+
+    monkeypatch.setattr(ckpt, "save_atomic", held_save)
+    trainer = _trainer(idx_root, tmp_path / "r", **{"run.checkpoint_every": 2,
+                                                     "train.max_steps": 8, "train.epochs": 5})
+    writer = trainer.checkpoints.writer
+    real_submit, real_wait = writer.submit, writer.wait
+    submitted, waited_at = [], []
+
+    def submit(write) -> None:
+        real_submit(write)
+        submitted.append(trainer.state.global_step)
+
+    def wait() -> None:
+        # A write that has ended stays "busy" until waited for: only step 4's is released here.
+        if writer.busy and submitted[-1:] == [4] and not release.is_set():
+            waited_at.append(trainer.state.global_step)
+            release.set()
+        real_wait()
+
+    monkeypatch.setattr(writer, "submit", submit)
+    monkeypatch.setattr(writer, "wait", wait)
+    trainer.run()
+    assert waited_at and waited_at[0] > 4, (waited_at, events)
+    order = [(kind, name) for kind, name, _ in events]
+    assert order.index(("end", "step-00000004.pt")) < order.index(("start", "step-00000006.pt"))
+    assert ("end", "step-00000008.pt") in order  # the run's end waited for its last write
+    assert ckpt.load(tmp_path / "r" / "checkpoints" / "last.pt")["train"]["global_step"] == 8
+
+
 def _recording(trainer: Trainer, steps: list[int]):
     real = trainer.checkpoints.finish
 
@@ -99,17 +147,20 @@ def _logged(run: Path) -> list[int]:
             if '"kind": "step"' in line]
 
 
-def test_a_kill_during_a_background_write_resumes_from_the_previous_checkpoint(
-        idx_root, tmp_path):
+@pytest.mark.parametrize("background", [True, False], ids=["async", "sync"])
+def test_a_kill_during_a_write_resumes_from_the_previous_checkpoint(
+        idx_root, tmp_path, background):
     """The save of step 4 writes into a FIFO where its temporary file goes: the write is in
-    flight for as long as the test reads nothing more from it, whatever the machine's speed."""
+    flight for as long as the test reads nothing more from it, whatever the machine's speed.
+    In the background the loop goes on meanwhile; a synchronous save holds it."""
     run = tmp_path / "r"
     folder = run / "checkpoints"
     folder.mkdir(parents=True)
     fifo = folder / ".step-00000004.pt.tmp"
     os.mkfifo(fifo)
     args = small_overrides(idx_root, run, **{"run.checkpoint_every": 2, "train.epochs": 5,
-                                             "run.log_every": 1})
+                                             "run.log_every": 1,
+                                             "run.async_checkpoint": background})
     proc = subprocess.Popen([sys.executable, SCRIPT, *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     partial = bytearray()
@@ -124,8 +175,8 @@ def test_a_kill_during_a_background_write_resumes_from_the_previous_checkpoint(
             return len(partial) >= 1 << 20
 
         wait_for(read_some, timeout=240, what="the save of step 4 to start writing")
-        # The writer is now stuck with a full pipe; the loop goes on without it.
-        wait_for(lambda: 5 in _logged(run), what="training to go on past the save")
+        if background:  # the writer is now stuck with a full pipe; the loop goes on
+            wait_for(lambda: 5 in _logged(run), what="training to go on past the save")
         assert (folder / "step-00000002.pt").is_file()
         os.killpg(proc.pid, signal.SIGKILL)
         proc.communicate(timeout=60)

@@ -60,9 +60,12 @@ def rates(run: Path) -> list[float]:
     return [r["lr"] for r in records(run) if r["kind"] == "epoch"]
 
 
-@pytest.mark.parametrize("schedule", sorted(SCHEDULES))
-def test_resume_with_a_schedule_equals_a_straight_run(idx_root, tmp_path, schedule):
-    extra = {"train.epochs": 4, **SCHEDULES[schedule]}
+@pytest.mark.parametrize(("schedule", "background"),
+                         [(s, True) for s in sorted(SCHEDULES)] + [("step", False)],
+                         ids=[*sorted(SCHEDULES), "step-sync"])
+def test_resume_with_a_schedule_equals_a_straight_run(idx_root, tmp_path, schedule, background):
+    """Checkpoints written in the background (the default) and synchronously alike."""
+    extra = {"train.epochs": 4, "run.async_checkpoint": background, **SCHEDULES[schedule]}
     straight = trainer(idx_root, tmp_path / "straight", **extra)
     straight.run()
     # Interrupted in epoch 3, after a decay; the resumed part crosses the later ones.

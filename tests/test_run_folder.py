@@ -94,15 +94,17 @@ def test_too_little_room_for_checkpoints_is_named_at_start(idx_root, tmp_path):
 
 @pytest.mark.slow
 @needs_mount
-def test_a_disk_that_fills_mid_run_fails_the_save_in_one_line_on_both_ranks(idx_root, tmp_path):
-    """Two ranks; the disk fills after the first checkpoints: the next save fails, the
-    temporary file goes, the earlier checkpoints stay whole, and rank 1 does not report a lost
-    peer."""
+@pytest.mark.parametrize("background", [True, False], ids=["async", "sync"])
+def test_a_disk_that_fills_mid_run_fails_the_save_in_one_line_on_both_ranks(
+        idx_root, tmp_path, background):
+    """Two ranks; the disk fills after the first checkpoints: the next save fails (in the
+    background or on the training thread), the temporary file goes, the earlier checkpoints stay
+    whole, and rank 1 does not report a lost peer."""
     disk, out = tmp_path / "disk", tmp_path / "out"
     out.mkdir()
     run = disk / "run"
     args = _args(idx_root, run, **{"model.name": "alexnet_columns", "train.epochs": 100000,
-                                   "run.checkpoint_every": 2})
+                                   "run.checkpoint_every": 2, "run.async_checkpoint": background})
     proc = _in_small_disk(disk, "24m", f"""
         {TORCHRUN} --nproc_per_node=2 {SCRIPT} {args} >{out}/out 2>{out}/err &
         job=$!
