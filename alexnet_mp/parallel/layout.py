@@ -205,9 +205,9 @@ def setup_layout(model_name: str, *, rank: int = 0, world_size: int = 1, local_r
     """Check the settings against the world size, pick the device, start the process groups.
     Threads and the C heap are the process's: its entry point sets them (:mod:`alexnet_mp.cli`).
 
-    ``attempt`` is torchrun's restart count: each attempt's group keys live under their own
-    prefix in the rendezvous store, which outlives a restart, so that a restarted rank never
-    reads the address of the worker it replaces.
+    ``attempt`` is torchrun's restart count: with the agent's store (``agent_store``), which
+    outlives a restart, each attempt's group keys live under their own prefix, so that a
+    restarted rank never reads the address of the worker it replaces.
     ``master_addr``/``master_port``: rank 0's rendezvous (``agent_store``: torchrun's agent
     hosts it); waiting there for every rank is bounded by ``startup_timeout_s``
     (:func:`alexnet_mp.parallel.startup.join`).
