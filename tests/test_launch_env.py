@@ -165,3 +165,45 @@ def test_ranks_started_in_any_order_join_and_train(idx_root, tmp_path):
     assert [first.returncode, late.returncode] == [0, 0], [err[-2000:] for _, err in outs]
     assert "data parallel, 2 replicas" in outs[0][0]
     assert outs[1][1].strip() == ""  # rank 1's wait printed nothing
+
+
+@pytest.mark.parametrize("agent_store", [False, True], ids=["rank-0-store", "agent-store"])
+def test_ranks_of_one_round_join_whatever_their_agents_restart_counts(agent_store):
+    """An agent that joins a running elastic job starts its restart count at 0 while the
+    survivor's is 1. Where rank 0 hosts the store (new each round) they must still meet; where
+    an agent's store outlives restarts, each attempt counts apart, so the same two ranks do not
+    make a whole count (and say how many came)."""
+    import threading
+
+    import torch.distributed as dist
+
+    from alexnet_mp.parallel.startup import StartupTimeout, join
+
+    port = free_port()
+    hosted = None
+    if agent_store:  # the agent's store, open before any worker, as torchrun's is
+        hosted = dist.TCPStore("127.0.0.1", port, 1, True, wait_for_workers=False)
+    results: dict[int, object] = {}
+
+    def rank(r: int, attempt: int) -> None:
+        launch = LaunchEnv(rank=r, world_size=2, local_rank=r, local_world_size=1,
+                           attempt=attempt, master_addr="127.0.0.1", master_port=port,
+                           agent_store=agent_store)
+        try:
+            results[r] = join(launch, startup_timeout_s=10 if agent_store else 60)
+        except StartupTimeout as exc:
+            results[r] = exc
+
+    threads = [threading.Thread(target=rank, args=(r, attempt))
+               for r, attempt in ((0, 1), (1, 0))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert len(results) == 2, results
+    if agent_store:
+        assert all(isinstance(v, StartupTimeout) for v in results.values()), results
+        assert all("1 of 2 ranks joined" in str(v) for v in results.values()), results
+    else:
+        assert all(isinstance(v, dist.Store) for v in results.values()), results
+    del hosted
