@@ -180,9 +180,9 @@ def test_ranks_of_one_round_join_whatever_their_agents_restart_counts(agent_stor
     from alexnet_mp.parallel.startup import StartupTimeout, join
 
     port = free_port()
-    hosted = None
-    if agent_store:  # the agent's store, open before any worker, as torchrun's is
-        hosted = dist.TCPStore("127.0.0.1", port, 1, True, wait_for_workers=False)
+    # The agent's store, open before any worker as torchrun's is, and for the whole test.
+    _agents = (dist.TCPStore("127.0.0.1", port, 1, True, wait_for_workers=False)
+               if agent_store else None)
     results: dict[int, object] = {}
 
     def rank(r: int, attempt: int) -> None:
@@ -206,4 +206,3 @@ def test_ranks_of_one_round_join_whatever_their_agents_restart_counts(agent_stor
         assert all("1 of 2 ranks joined" in str(v) for v in results.values()), results
     else:
         assert all(isinstance(v, dist.Store) for v in results.values()), results
-    del hosted
